@@ -1,0 +1,1 @@
+//! Shared pieces of weir's benchmark harnesses.

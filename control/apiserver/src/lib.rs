@@ -1,0 +1,1 @@
+//! weir's Kubernetes-compatible HTTPS API server.
