@@ -3,7 +3,11 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "A small Kubernetes-compatible orchestrator")]
+#[command(
+    name = "weir",
+    version,
+    about = "A small Kubernetes-compatible orchestrator"
+)]
 enum Cli {}
 
 fn main() -> anyhow::Result<()> {

@@ -1,1 +1,5 @@
 //! Kubernetes API objects as weir serves them: the resource registry, defaulting, validation, patches, tables, discovery and OpenAPI documents.
+
+pub mod registry;
+
+pub use registry::Resource;

@@ -1,1 +1,138 @@
-//! weir's storage layer: one `Store` trait, implemented by etcd and by an embedded on-disk backend, with one conformance suite.
+//! weir's storage layer: one [`Store`] trait with the semantics of etcd's key-value API,
+//! implemented by a real etcd (`etcd` module) and by an embedded on-disk backend
+//! (`embedded` module), both held to one conformance suite (`conformance` module).
+//!
+//! Keys are opaque strings; the API server uses `/registry/<group>/<resource>/<ns>/<name>`.
+//! Every write bumps one store-wide revision; a key's `mod_revision` is the API object's
+//! `resourceVersion`.
+
+use std::pin::Pin;
+
+use futures::Stream;
+
+/// A stored key and its value at some revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Revision of the write that created this key (in its current life).
+    pub create_revision: i64,
+    /// Revision of the last write to this key: the object's `resourceVersion`.
+    pub mod_revision: i64,
+}
+
+/// One change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The key was created or updated. `prev` is the value before, if any.
+    Put {
+        kv: KeyValue,
+        prev: Option<KeyValue>,
+    },
+    /// The key was deleted at `revision`; `prev` is its last value.
+    Delete { prev: KeyValue, revision: i64 },
+}
+
+impl Event {
+    /// The revision at which this event happened.
+    pub fn revision(&self) -> i64 {
+        match self {
+            Event::Put { kv, .. } => kv.mod_revision,
+            Event::Delete { revision, .. } => *revision,
+        }
+    }
+}
+
+/// A consistent list of keys under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListResult {
+    /// Sorted by key.
+    pub items: Vec<KeyValue>,
+    /// The store revision this list was read at.
+    pub revision: i64,
+    /// True when `limit` cut the list; continue after the last key at the same `revision`.
+    pub more: bool,
+}
+
+/// Options of a list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListOptions {
+    /// Read at this revision (0 = latest). An older, compacted revision is [`Error::Compacted`].
+    pub revision: i64,
+    /// At most this many items (0 = no limit).
+    pub limit: usize,
+    /// Start after this key (exclusive), for paging.
+    pub start_after: Option<String>,
+}
+
+/// A stream of watch events, in revision order. Events sharing a revision (one transaction)
+/// are delivered together. An `Err` ends the stream.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<Vec<Event>, Error>> + Send>>;
+
+/// Store errors. The API server maps them to HTTP statuses in its own error type.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("key {key} not found")]
+    NotFound { key: String },
+    #[error("key {key} already exists")]
+    AlreadyExists { key: String },
+    /// A compare-and-swap failed: the key's mod_revision was not the expected one.
+    #[error("key {key} was modified: expected revision {expected}, found {actual}")]
+    Conflict {
+        key: String,
+        expected: i64,
+        actual: i64,
+    },
+    /// The requested revision is older than the oldest one still kept. Clients re-list.
+    #[error("revision {requested} is compacted; oldest available is {compact_revision}")]
+    Compacted {
+        requested: i64,
+        compact_revision: i64,
+    },
+    /// The requested revision is in the future.
+    #[error("revision {requested} is newer than the current revision {current}")]
+    FutureRevision { requested: i64, current: i64 },
+    /// The backend cannot be reached now; the request may succeed later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The key-value API that the API server needs. Both backends implement exactly these
+/// semantics; see the conformance suite.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The current value of `key`.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
+
+    /// All keys starting with `prefix`, in key order, at one revision.
+    async fn list(&self, prefix: &str, opts: ListOptions) -> Result<ListResult>;
+
+    /// Create `key`; fails with [`Error::AlreadyExists`] if it exists. Returns the new
+    /// key-value (its `mod_revision` is the new revision).
+    async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue>;
+
+    /// Replace `key` only if its `mod_revision` is still `expected_revision`
+    /// ([`Error::Conflict`] otherwise, [`Error::NotFound`] if absent).
+    async fn update(&self, key: &str, value: Vec<u8>, expected_revision: i64) -> Result<KeyValue>;
+
+    /// Delete `key`, only if its `mod_revision` is `expected_revision` when that is given.
+    /// Returns the deleted key-value and the revision of the delete.
+    async fn delete(&self, key: &str, expected_revision: Option<i64>) -> Result<(KeyValue, i64)>;
+
+    /// Watch keys under `prefix`, delivering every event with revision > `after_revision`
+    /// (so `after_revision` = a list's revision gives exactly the changes after that list).
+    /// A compacted `after_revision` gives [`Error::Compacted`], at once or as the first item.
+    async fn watch(&self, prefix: &str, after_revision: i64) -> Result<WatchStream>;
+
+    /// The current store revision.
+    async fn current_revision(&self) -> Result<i64>;
+
+    /// Drop history at or below `revision`; later reads/watches from there get
+    /// [`Error::Compacted`].
+    async fn compact(&self, revision: i64) -> Result<()>;
+}
