@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# weir's one entry point for a fresh Debian machine (run as root, or it re-runs itself with sudo):
+#   ./dev.sh up     install what is missing, build, and run a one-node cluster (weir up)
+#   ./dev.sh test   install what is missing, then fmt check, clippy -D warnings, all tests
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [ "$(id -u)" != 0 ]; then
+    exec sudo -E env "PATH=$PATH" "$0" "$@"
+fi
+
+APT_PACKAGES=(
+    build-essential pkg-config protobuf-compiler curl ca-certificates
+    clang-22 llvm-22 llvm-22-dev libpolly-22-dev bpftool iproute2 iptables
+    etcd-server etcd-client dnsutils
+    knot dnsperf nginx haproxy wrk nghttp2-client
+)
+
+install_deps() {
+    local missing=()
+    for p in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "dev.sh: installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    # Debian installs etcd-server with a system service; weir starts its own etcd in tests.
+    systemctl disable --now etcd >/dev/null 2>&1 || true
+    if ! command -v kubectl >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+    fi
+    if ! command -v cargo >/dev/null; then
+        echo "dev.sh: cargo not found; install Rust 1.95 with rustup first" >&2
+        exit 1
+    fi
+    # The BPF programs build with -Z build-std=core (needs rust-src) and link with
+    # bpf-linker built against the LLVM that rustc uses (22); its default wants LLVM 23.
+    rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src
+    if ! command -v bpf-linker >/dev/null; then
+        PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker --no-default-features --features llvm-22
+    fi
+}
+
+case "${1:-}" in
+    up)
+        shift
+        install_deps
+        cargo build --release --bin weir
+        exec target/release/weir up "$@"
+        ;;
+    test)
+        install_deps
+        cargo fmt --all --check
+        cargo clippy --workspace --all-targets -- -D warnings
+        cargo test --workspace --no-fail-fast
+        ;;
+    *)
+        echo "usage: $0 up [weir up flags] | test" >&2
+        exit 2
+        ;;
+esac
