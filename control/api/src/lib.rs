@@ -1,7 +1,10 @@
 //! Kubernetes API objects as weir serves them: the resource registry, defaulting, validation, patches, tables, discovery and OpenAPI documents.
 
+pub mod names;
 pub mod registry;
+pub mod selector;
 pub mod status;
 
 pub use registry::Resource;
+pub use selector::{FieldSelector, LabelSelector};
 pub use status::{ApiError, Cause, StatusDetails, StatusReason};

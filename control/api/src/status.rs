@@ -195,7 +195,8 @@ pub struct ApiError {
     pub code: u16,
     pub reason: StatusReason,
     pub message: String,
-    pub details: Option<StatusDetails>,
+    /// Boxed so that `Result<_, ApiError>` stays small on the success path.
+    pub details: Option<Box<StatusDetails>>,
 }
 
 /// `pods` or `deployments.apps`, as Kubernetes names a resource in messages.
@@ -216,13 +217,13 @@ fn qualified_kind(res: &Resource) -> String {
     }
 }
 
-fn object_details(res: &Resource, name: &str, kind: &str) -> Option<StatusDetails> {
-    Some(StatusDetails {
+fn object_details(res: &Resource, name: &str, kind: &str) -> Option<Box<StatusDetails>> {
+    Some(Box::new(StatusDetails {
         name: name.to_string(),
         group: res.group.to_string(),
         kind: kind.to_string(),
         causes: Vec::new(),
-    })
+    }))
 }
 
 impl ApiError {
@@ -307,10 +308,12 @@ impl ApiError {
             _ => format!("{kind} {name:?} is invalid: [{}]", lines.join(", ")),
         };
         Self {
-            details: Some(StatusDetails {
+            details: Some(Box::new(StatusDetails {
+                name: name.to_string(),
+                group: res.group.to_string(),
+                kind: res.kind.to_string(),
                 causes,
-                ..object_details(res, name, res.kind).unwrap_or_default()
-            }),
+            })),
             ..Self::new(422, StatusReason::Invalid, message)
         }
     }
@@ -400,14 +403,14 @@ impl ApiError {
     /// 500: `Internal error occurred: msg`.
     pub fn internal(msg: &str) -> Self {
         Self {
-            details: Some(StatusDetails {
+            details: Some(Box::new(StatusDetails {
                 causes: vec![Cause {
                     field: String::new(),
                     reason: String::new(),
                     message: msg.to_string(),
                 }],
                 ..StatusDetails::default()
-            }),
+            })),
             ..Self::new(
                 500,
                 StatusReason::InternalError,
@@ -428,7 +431,7 @@ impl ApiError {
             "code": self.code,
         });
         if let Some(details) = &self.details
-            && let Ok(value) = serde_json::to_value(details)
+            && let Ok(value) = serde_json::to_value(details.as_ref())
         {
             status["details"] = value;
         }
