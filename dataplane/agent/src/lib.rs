@@ -1,6 +1,8 @@
 //! weir's node agent: the pod network, the process runtime, pod lifecycle and the API
 //! integration (node registration, heartbeat, pod status) of one node.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cgroup;
 pub mod network;
 
 #[cfg(test)]
