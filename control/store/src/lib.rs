@@ -6,9 +6,21 @@
 //! Every write bumps one store-wide revision; a key's `mod_revision` is the API object's
 //! `resourceVersion`.
 
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
+
+#[cfg(test)]
+mod conformance;
+pub mod embedded;
+pub mod etcd;
+pub mod etcd_harness;
+
+pub use embedded::{EmbeddedOptions, EmbeddedStore};
+pub use etcd::EtcdStore;
+pub use etcd_harness::{EtcdProcess, HarnessError};
 
 /// A stored key and its value at some revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +51,14 @@ impl Event {
         match self {
             Event::Put { kv, .. } => kv.mod_revision,
             Event::Delete { revision, .. } => *revision,
+        }
+    }
+
+    /// The key this event is about.
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put { kv, .. } => &kv.key,
+            Event::Delete { prev, .. } => &prev.key,
         }
     }
 }
@@ -132,7 +152,25 @@ pub trait Store: Send + Sync + 'static {
     /// The current store revision.
     async fn current_revision(&self) -> Result<i64>;
 
-    /// Drop history at or below `revision`; later reads/watches from there get
-    /// [`Error::Compacted`].
+    /// Drop history below `revision`: later lists at an older revision, and watches that
+    /// need events at or below it, get [`Error::Compacted`]. Compacting to a revision at or
+    /// below the current compact revision is [`Error::Compacted`] too (as in etcd).
     async fn compact(&self, revision: i64) -> Result<()>;
+}
+
+/// Which backend to run, as chosen on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// The embedded store in this redb file (created if missing).
+    Embedded(PathBuf),
+    /// An etcd cluster at these client URLs, e.g. `http://127.0.0.1:2379`.
+    Etcd(Vec<String>),
+}
+
+/// Opens the store `spec` names. An unreachable etcd is [`Error::Unavailable`].
+pub async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>> {
+    Ok(match spec {
+        StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(path)?),
+        StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(endpoints).await?),
+    })
 }
