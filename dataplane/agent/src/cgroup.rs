@@ -251,6 +251,18 @@ impl Cgroups {
     }
 }
 
+#[cfg(test)]
+impl Cgroups {
+    /// The subtree's directories in every hierarchy, v2 first.
+    pub(crate) fn dirs(&self) -> Vec<PathBuf> {
+        std::iter::once(&self.v2)
+            .chain(self.v1_cpu.iter())
+            .chain(self.v1_memory.iter())
+            .cloned()
+            .collect()
+    }
+}
+
 fn rmdir(dir: &Path) -> Result<(), Error> {
     match std::fs::remove_dir(dir) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::Io {

@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod network;
+pub mod runtime;
 
 #[cfg(test)]
 mod testutil;

@@ -1,7 +1,11 @@
 //! Test helpers: named network namespaces that play a node, removed again on drop (also
 //! when the test fails), and unique names so tests can run in parallel.
 
+use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+use crate::cgroup::Cgroups;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// A unique identifier per call in this test process, usable as a pod UID.
@@ -44,4 +48,45 @@ pub fn run_in(netns: &str, argv: &[&str]) -> bool {
         .args(argv)
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// The agent's cgroup subtree for one test (`weir-test/<unique>`), killed and removed on drop.
+pub struct CgroupGuard {
+    pub cgroups: Cgroups,
+}
+
+impl CgroupGuard {
+    pub fn new() -> Self {
+        let cgroups = Cgroups::detect(&format!("weir-test/{}", unique("cg"))).unwrap();
+        Self { cgroups }
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path());
+            }
+        }
+    }
+    for _ in 0..50 {
+        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let dirs = self.cgroups.dirs();
+        let _ = std::fs::write(dirs[0].join("cgroup.kill"), "1");
+        for dir in &dirs {
+            remove_tree(dir);
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
 use super::*;
-use crate::testutil::unique;
+use crate::testutil::{CgroupGuard, unique};
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -63,7 +63,8 @@ fn pod_limits_sum_containers_and_name_the_bad_field() {
 
 #[tokio::test]
 async fn pod_group_limits_and_kills_its_processes() {
-    let cgroups = Cgroups::detect(&format!("weir-test/{}", unique("cg"))).unwrap();
+    let guard = CgroupGuard::new();
+    let cgroups = &guard.cgroups;
     let pod = cgroups.pod(&unique("p"));
     pod.create(Limits {
         cpu_millis: Some(250),
