@@ -1,2 +1,186 @@
-//! `#[repr(C)]` map keys and values shared by the BPF programs in `ebpf/lb-ebpf` and the loader in `dataplane/lb`.
+//! `#[repr(C)]` map keys and values shared by the BPF programs in `ebpf/lb-ebpf` and the loader
+//! in `dataplane/lb`: one definition of every map layout, pinned by size assertions.
+//!
+//! Byte order: addresses and ports are stored exactly as the kernel hands them to a
+//! `cgroup/connect4` program (`bpf_sock_addr.user_ip4` / `user_port`), i.e. in network byte
+//! order. Userspace converts with [`ip_to_map`] / [`port_to_map`] and back.
 #![no_std]
+
+use core::mem::size_of;
+
+/// Capacity of the service map (ClusterIP/port/protocol triples) and of the per-service arrays.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Capacity of the backend slot map, summed over all services.
+pub const MAX_BACKEND_SLOTS: u32 = 262_144;
+/// Largest Maglev table; the default table size is this prime.
+pub const MAGLEV_MAX: usize = 16_381;
+/// How many services may use Maglev at once (their tables are allocated on demand).
+pub const MAX_MAGLEV_SERVICES: u32 = 4_096;
+/// Capacity of the LRU maps (session affinity, reverse translation).
+pub const LRU_ENTRIES: u32 = 262_144;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Backend selection, `ServiceValue::algorithm`.
+pub const ALG_RANDOM: u8 = 0;
+pub const ALG_ROUND_ROBIN: u8 = 1;
+pub const ALG_MAGLEV: u8 = 2;
+
+/// `ServiceValue::flags`: `sessionAffinity: ClientIP`.
+pub const FLAG_AFFINITY: u8 = 1;
+
+/// Key of `SERVICES`: a Service's virtual address as the application dialled it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of `SERVICES`. `count` is the number of backend slots `0..count` of `id` to choose from;
+/// zero means "reject the connection".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub id: u32,
+    pub count: u16,
+    pub algorithm: u8,
+    pub flags: u8,
+    pub affinity_timeout_secs: u32,
+    /// Table size when `algorithm == ALG_MAGLEV` (a prime <= `MAGLEV_MAX`).
+    pub maglev_size: u32,
+}
+
+/// Key of `BACKENDS`: slot `slot` of service `service_id`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// Value of `BACKENDS`: where the connection is sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of `AFFINITY`. A client is identified by its network namespace cookie: socket hooks run
+/// before the source address is chosen, and in a cluster one pod is one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of `AFFINITY`: the slot chosen last time, the backend that was in it (to notice when
+/// the slot was reused for another backend), and when it was last used.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend: Backend,
+    pub slot: u32,
+    pub _pad: u32,
+    pub last_used_ns: u64,
+}
+
+/// Key of `REVNAT`: a socket (by cookie) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub backend: Backend,
+}
+
+/// Value of `REVNAT`: the Service address the application asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatValue {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Value of the per-CPU `COUNTERS` array, indexed by service id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Connects (TCP and connected UDP) sent to a backend.
+    pub connections: u64,
+    /// Unconnected UDP datagrams sent to a backend.
+    pub packets: u64,
+    /// Connects and datagrams refused because the Service had no usable endpoint.
+    pub refused: u64,
+}
+
+/// Value of `MAGLEV`: slot numbers, one per table position; only `maglev_size` entries are used.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    pub slots: [u32; MAGLEV_MAX],
+}
+
+const _: () = assert!(size_of::<ServiceKey>() == 8);
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<BackendKey>() == 8);
+const _: () = assert!(size_of::<Backend>() == 8);
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+const _: () = assert!(size_of::<AffinityValue>() == 24);
+const _: () = assert!(size_of::<RevNatKey>() == 16);
+const _: () = assert!(size_of::<RevNatValue>() == 8);
+const _: () = assert!(size_of::<Counters>() == 24);
+const _: () = assert!(size_of::<MaglevTable>() == MAGLEV_MAX * 4);
+
+/// Flow hash used by Maglev: a 64-bit mix (splitmix64 finaliser) folded to 32 bits.
+#[inline(always)]
+pub fn flow_hash(a: u64, b: u64) -> u32 {
+    let mut x = a ^ b.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x ^ (x >> 32)) as u32
+}
+
+/// An IPv4 address in the map's byte order.
+pub fn ip_to_map(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// The octets of an address stored in a map.
+pub fn ip_from_map(addr: u32) -> [u8; 4] {
+    addr.to_ne_bytes()
+}
+
+/// A port in the map's byte order.
+pub fn port_to_map(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// A port stored in a map, in host order.
+pub fn port_from_map(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are #[repr(C)], Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for MaglevTable {}
+}

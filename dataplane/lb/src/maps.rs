@@ -1,0 +1,285 @@
+//! The loader and the owner of the BPF maps: loads the socket-LB programs, pins maps and links
+//! under a bpffs root, attaches to a cgroup v2 subtree, and applies [`Plan`]s to the maps.
+//!
+//! Restart model: maps are pinned by name, so a new agent reuses the previous one's maps and
+//! every connection they describe. Links are pinned too; on start the new programs are attached
+//! first and the older run's links unpinned after, so there is never a moment without a hook.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{EbpfLoader, util::nr_cpus};
+use weir_lb_common::{
+    Backend, BackendKey, Counters, MAGLEV_MAX, MaglevTable, ServiceKey, ServiceValue,
+};
+
+use crate::Error;
+use crate::plan::{MapState, Plan};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-lb"));
+
+/// The socket hooks, by program (function) name.
+pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
+/// The default bpffs root of weir's pinned maps and links.
+pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/weir";
+
+/// The typed maps of the socket load balancer.
+pub struct LbMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendKey, Backend>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    rr: Array<MapData, u32>,
+    counters: PerCpuArray<MapData, Counters>,
+}
+
+/// Loads the programs, attaches them to `cgroup` (a cgroup v2 directory of weir's own, never
+/// the root) and returns the maps. `bpf_root` holds `maps/` and `links/`.
+pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> {
+    let maps_dir = bpf_root.join("maps");
+    let links_dir = bpf_root.join("links");
+    for d in [&maps_dir, &links_dir] {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+    }
+    let cg = File::open(cgroup)
+        .map_err(|e| Error::io(format!("open cgroup {}", cgroup.display()), e))?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&maps_dir)
+        .load(OBJECT)
+        .map_err(|e| {
+            Error::Bpf(format!(
+                "load BPF object (maps pinned in {}): {e}",
+                maps_dir.display()
+            ))
+        })?;
+    for name in PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error::Bpf(format!("program {name} missing from the object")))?
+            .try_into()
+            .map_err(|e| Error::Bpf(format!("program {name}: {e}")))?;
+        prog.load()
+            .map_err(|e| Error::Bpf(format!("load {name}: {e:?}")))?;
+        let pin = links_dir.join(name);
+        let old = PinnedLink::from_pin(&pin).ok();
+        let id = prog
+            .attach(&cg, CgroupAttachMode::AllowMultiple)
+            .map_err(|e| Error::Bpf(format!("attach {name} to {}: {e}", cgroup.display())))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| Error::Bpf(format!("take link {name}: {e}")))?
+            .try_into()
+            .map_err(|e| Error::Bpf(format!("link {name}: {e}")))?;
+        // Old link out only after the new one is in: both running for an instant is harmless
+        // (the second sees a backend address, which is no Service).
+        if let Some(old) = old {
+            drop(
+                old.unpin()
+                    .map_err(|e| Error::io(format!("unpin old link {}", pin.display()), e))?,
+            );
+        }
+        link.pin(&pin)
+            .map_err(|e| Error::Bpf(format!("pin link {}: {e}", pin.display())))?;
+    }
+    let mut take = |name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| Error::Bpf(format!("map {name} missing from the object")))
+    };
+    LbMaps::from_maps(
+        take("WEIR_SERVICES")?,
+        take("WEIR_BACKENDS")?,
+        take("WEIR_MAGLEV")?,
+        take("WEIR_RR")?,
+        take("WEIR_COUNTERS")?,
+    )
+}
+
+/// Detaches weir's programs from every cgroup and removes its pinned maps: the counterpart of
+/// [`load_and_attach`] for uninstalling (and for tests).
+pub fn unpin_all(bpf_root: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(bpf_root) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("remove {}", bpf_root.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl LbMaps {
+    /// Opens the maps a running agent pinned under `bpf_root`, e.g. for `weir lb list`.
+    pub fn open_pinned(bpf_root: &Path) -> Result<Self, Error> {
+        let open = |name: &str| -> Result<Map, Error> {
+            let path: PathBuf = bpf_root.join("maps").join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(|e| Error::Bpf(format!("open {}: {e}", path.display())))?;
+            Map::from_map_data(data).map_err(|e| Error::Bpf(format!("map {}: {e}", path.display())))
+        };
+        Self::from_maps(
+            open("WEIR_SERVICES")?,
+            open("WEIR_BACKENDS")?,
+            open("WEIR_MAGLEV")?,
+            open("WEIR_RR")?,
+            open("WEIR_COUNTERS")?,
+        )
+    }
+
+    fn from_maps(
+        services: Map,
+        backends: Map,
+        maglev: Map,
+        rr: Map,
+        counters: Map,
+    ) -> Result<Self, Error> {
+        let e = |what: &str, err: aya::maps::MapError| {
+            Error::Bpf(format!("map {what} has the wrong type: {err}"))
+        };
+        Ok(Self {
+            services: services.try_into().map_err(|x| e("WEIR_SERVICES", x))?,
+            backends: backends.try_into().map_err(|x| e("WEIR_BACKENDS", x))?,
+            maglev: maglev.try_into().map_err(|x| e("WEIR_MAGLEV", x))?,
+            rr: rr.try_into().map_err(|x| e("WEIR_RR", x))?,
+            counters: counters.try_into().map_err(|x| e("WEIR_COUNTERS", x))?,
+        })
+    }
+
+    /// What the maps hold now: the starting point of a restarted agent's reconcile.
+    pub fn read_state(&self) -> Result<MapState, Error> {
+        let mut st = MapState::default();
+        for kv in self.services.iter() {
+            let (k, v) = kv.map_err(|e| Error::Bpf(format!("read WEIR_SERVICES: {e}")))?;
+            st.services.insert(k, v);
+        }
+        for kv in self.backends.iter() {
+            let (k, v) = kv.map_err(|e| Error::Bpf(format!("read WEIR_BACKENDS: {e}")))?;
+            st.backends
+                .entry(k.service_id)
+                .or_default()
+                .insert(k.slot, v);
+        }
+        let sizes: std::collections::HashMap<u32, u32> = st
+            .services
+            .values()
+            .map(|v| (v.id, v.maglev_size))
+            .collect();
+        for kv in self.maglev.iter() {
+            let (id, t) = kv.map_err(|e| Error::Bpf(format!("read WEIR_MAGLEV: {e}")))?;
+            let n = sizes.get(&id).copied().unwrap_or(0).min(MAGLEV_MAX as u32) as usize;
+            st.maglev.insert(id, t.slots[..n].to_vec());
+        }
+        Ok(st)
+    }
+
+    /// Writes `plan` in its safe order; stops at the first failure (the caller re-reads state).
+    pub fn apply(&mut self, plan: &Plan) -> Result<(), Error> {
+        let w =
+            |what: &'static str| move |e: aya::maps::MapError| Error::Bpf(format!("{what}: {e}"));
+        for (k, b) in &plan.put_backends {
+            self.backends
+                .insert(k, b, 0)
+                .map_err(w("update WEIR_BACKENDS"))?;
+        }
+        if !plan.put_maglev.is_empty() {
+            let mut table = Box::new(MaglevTable {
+                slots: [0; MAGLEV_MAX],
+            });
+            for (id, t) in &plan.put_maglev {
+                table.slots[..t.len()].copy_from_slice(t);
+                self.maglev
+                    .insert(id, &*table, 0)
+                    .map_err(w("update WEIR_MAGLEV"))?;
+            }
+        }
+        for id in &plan.fresh_ids {
+            self.reset_id(*id)?;
+        }
+        for (k, v) in &plan.put_services {
+            self.services
+                .insert(k, v, 0)
+                .map_err(w("update WEIR_SERVICES"))?;
+        }
+        for k in &plan.del_services {
+            self.services
+                .remove(k)
+                .map_err(w("delete from WEIR_SERVICES"))?;
+        }
+        for k in &plan.del_backends {
+            self.backends
+                .remove(k)
+                .map_err(w("delete from WEIR_BACKENDS"))?;
+        }
+        for id in &plan.del_maglev {
+            self.maglev
+                .remove(id)
+                .map_err(w("delete from WEIR_MAGLEV"))?;
+        }
+        Ok(())
+    }
+
+    fn reset_id(&mut self, id: u32) -> Result<(), Error> {
+        let zero = PerCpuValues::try_from(vec![
+            Counters::default();
+            nr_cpus().map_err(|(_, e)| Error::io(
+                "count CPUs".into(),
+                e
+            ))?
+        ])
+        .map_err(|e| Error::Bpf(format!("per-CPU counters: {e}")))?;
+        self.counters
+            .set(id, zero, 0)
+            .map_err(|e| Error::Bpf(format!("reset WEIR_COUNTERS[{id}]: {e}")))?;
+        self.rr
+            .set(id, 0, 0)
+            .map_err(|e| Error::Bpf(format!("reset WEIR_RR[{id}]: {e}")))
+    }
+
+    /// Counters of service `id`, summed over CPUs.
+    pub fn counters(&self, id: u32) -> Result<Counters, Error> {
+        let per_cpu = self
+            .counters
+            .get(&id, 0)
+            .map_err(|e| Error::Bpf(format!("read WEIR_COUNTERS[{id}]: {e}")))?;
+        Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+            connections: a.connections + c.connections,
+            packets: a.packets + c.packets,
+            refused: a.refused + c.refused,
+        }))
+    }
+
+    /// The rows of `weir lb list`, read from the maps alone, sorted by frontend.
+    pub fn list(&self) -> Result<Vec<crate::ListRow>, Error> {
+        let st = self.read_state()?;
+        let mut rows = BTreeMap::new();
+        for (k, v) in &st.services {
+            let frontend = crate::plan::backend_addr(&Backend {
+                addr: k.addr,
+                port: k.port,
+                _pad: 0,
+            });
+            let backends = st
+                .backends
+                .get(&v.id)
+                .map(|s| s.values().map(crate::plan::backend_addr).collect())
+                .unwrap_or_default();
+            let row = crate::ListRow {
+                frontend,
+                proto: if k.proto == weir_lb_common::PROTO_UDP {
+                    "UDP"
+                } else {
+                    "TCP"
+                },
+                id: v.id,
+                algorithm: crate::Algorithm::from_map(v.algorithm),
+                affinity_timeout_secs: (v.flags & weir_lb_common::FLAG_AFFINITY != 0)
+                    .then_some(v.affinity_timeout_secs),
+                backends,
+                counters: self.counters(v.id)?,
+            };
+            rows.insert((frontend, k.proto), row);
+        }
+        Ok(rows.into_values().collect())
+    }
+}

@@ -1,0 +1,277 @@
+//! Snapshot → desired state: which Service frontends exist and which backends each may use,
+//! from Services and EndpointSlices as kube-proxy reads them. Pure; no I/O.
+
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use weir_lb_common::{ALG_MAGLEV, ALG_RANDOM, ALG_ROUND_ROBIN, PROTO_TCP, PROTO_UDP};
+
+/// The annotation that picks a Service's backend selection.
+pub const ALGORITHM_ANNOTATION: &str = "weir.dev/lb-algorithm";
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Backend selection of a Service.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Algorithm {
+    #[default]
+    Random,
+    RoundRobin,
+    Maglev,
+}
+
+impl Algorithm {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "random" => Some(Self::Random),
+            "round-robin" => Some(Self::RoundRobin),
+            "maglev" => Some(Self::Maglev),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::RoundRobin => "round-robin",
+            Self::Maglev => "maglev",
+        }
+    }
+
+    pub(crate) fn to_map(self) -> u8 {
+        match self {
+            Self::Random => ALG_RANDOM,
+            Self::RoundRobin => ALG_ROUND_ROBIN,
+            Self::Maglev => ALG_MAGLEV,
+        }
+    }
+
+    pub(crate) fn from_map(v: u8) -> Self {
+        match v {
+            ALG_ROUND_ROBIN => Self::RoundRobin,
+            ALG_MAGLEV => Self::Maglev,
+            _ => Self::Random,
+        }
+    }
+}
+
+/// Per-node settings that shape the desired state.
+#[derive(Clone, Debug, Default)]
+pub struct ModelConfig {
+    /// This node's name, for `internalTrafficPolicy: Local`.
+    pub node_name: Option<String>,
+    /// Used when a Service has no `weir.dev/lb-algorithm` annotation.
+    pub default_algorithm: Algorithm,
+}
+
+/// A frontend: what an application dials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: SocketAddrV4,
+    pub proto: u8,
+}
+
+/// Which Service port a frontend belongs to (for listings and metrics).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+}
+
+/// The desired content for one frontend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub service: ServiceRef,
+    /// Sorted and unique; empty means "refuse connections".
+    pub backends: Vec<SocketAddrV4>,
+    pub algorithm: Algorithm,
+    /// `Some(timeout)` for `sessionAffinity: ClientIP`.
+    pub affinity_timeout_secs: Option<u32>,
+}
+
+pub type Desired = BTreeMap<Frontend, DesiredFrontend>;
+
+/// A Service field weir could not use; the Service's other frontends are still programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub service: String,
+    pub reason: String,
+}
+
+/// Computes the desired frontends of every Service, with the problems found on the way.
+pub fn desired(
+    services: &[impl Borrow<Service>],
+    slices: &[impl Borrow<EndpointSlice>],
+    cfg: &ModelConfig,
+) -> (Desired, Vec<Problem>) {
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for s in slices.iter().map(Borrow::borrow) {
+        if s.address_type != "IPv4" {
+            continue;
+        }
+        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+        if let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            by_service.entry((ns, svc.as_str())).or_default().push(s);
+        }
+    }
+    let mut out = Desired::new();
+    let mut problems = Vec::new();
+    for svc in services.iter().map(Borrow::borrow) {
+        let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let mut problem = |reason: String| {
+            problems.push(Problem {
+                service: format!("{ns}/{name}"),
+                reason,
+            })
+        };
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let algorithm = match svc.metadata.annotations.as_ref().and_then(|a| a.get(ALGORITHM_ANNOTATION)) {
+            None => cfg.default_algorithm,
+            Some(v) => Algorithm::parse(v).unwrap_or_else(|| {
+                problem(format!(
+                    "metadata.annotations[{ALGORITHM_ANNOTATION}]: unknown algorithm {v:?} (want random, round-robin or maglev); using {}",
+                    cfg.default_algorithm.as_str()
+                ));
+                cfg.default_algorithm
+            }),
+        };
+        let affinity_timeout_secs =
+            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                spec.session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS)
+            });
+        let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+        // A headless Service ("None") has no virtual address to balance.
+        let mut vips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let cluster_ips = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter());
+        for ip in cluster_ips.chain(spec.external_ips.iter().flatten()) {
+            if ip == "None" || ip.is_empty() {
+                continue;
+            }
+            match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(v4)) => {
+                    vips.insert(v4);
+                }
+                Ok(std::net::IpAddr::V6(_)) => {}
+                Err(_) => problem(format!(
+                    "spec.clusterIPs/externalIPs: {ip:?} is not an IP address"
+                )),
+            }
+        }
+        let slices = by_service
+            .get(&(ns, name))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for port in spec.ports.iter().flatten() {
+            let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => PROTO_TCP,
+                "UDP" => PROTO_UDP,
+                _ => continue, // SCTP: socket hooks do not see it.
+            };
+            let Ok(vport) = u16::try_from(port.port) else {
+                problem(format!("spec.ports[].port: {} is out of range", port.port));
+                continue;
+            };
+            let backends =
+                backends_for(port, slices, local_only.then_some(cfg.node_name.as_deref()));
+            let service = ServiceRef {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                port: port.name.clone().unwrap_or_default(),
+            };
+            for vip in &vips {
+                let fe = Frontend {
+                    addr: SocketAddrV4::new(*vip, vport),
+                    proto,
+                };
+                out.insert(
+                    fe,
+                    DesiredFrontend {
+                        service: service.clone(),
+                        backends: backends.clone(),
+                        algorithm,
+                        affinity_timeout_secs,
+                    },
+                );
+            }
+        }
+    }
+    (out, problems)
+}
+
+/// Ready endpoints of `port`; only when none is ready, the serving terminating ones (KEP-1669).
+/// `local` = `Some(node)` keeps only endpoints on that node (`internalTrafficPolicy: Local`).
+fn backends_for(
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    local: Option<Option<&str>>,
+) -> Vec<SocketAddrV4> {
+    let want_name = port.name.as_deref().unwrap_or_default();
+    let want_proto = port.protocol.as_deref().unwrap_or("TCP");
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for slice in slices {
+        let Some(target) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or_default() == want_name
+                && p.protocol.as_deref().unwrap_or("TCP") == want_proto
+        }) else {
+            continue;
+        };
+        let Some(tport) = target.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            if let Some(node) = local
+                && ep.node_name.as_deref() != node
+            {
+                continue;
+            }
+            let cond = ep.conditions.as_ref();
+            // API contract: an unset `ready` means ready; unset `serving` follows `ready`.
+            let is_ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let is_serving = cond.and_then(|c| c.serving).unwrap_or(is_ready);
+            let is_terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            for addr in &ep.addresses {
+                let Ok(ip) = addr.parse::<Ipv4Addr>() else {
+                    continue;
+                };
+                let b = SocketAddrV4::new(ip, tport);
+                if is_ready && !is_terminating {
+                    ready.insert(b);
+                } else if is_serving && is_terminating {
+                    terminating.insert(b);
+                }
+            }
+        }
+    }
+    if ready.is_empty() {
+        terminating.into_iter().collect()
+    } else {
+        ready.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

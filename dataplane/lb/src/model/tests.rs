@@ -1,0 +1,172 @@
+use super::*;
+use serde_json::json;
+
+fn svc(v: serde_json::Value) -> Service {
+    serde_json::from_value(v).expect("test Service")
+}
+
+fn slice(v: serde_json::Value) -> EndpointSlice {
+    serde_json::from_value(v).expect("test EndpointSlice")
+}
+
+fn web(extra: serde_json::Value) -> Service {
+    let mut s = json!({
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                           {"name": "dns", "port": 53, "protocol": "UDP"}]}
+    });
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        s["spec"][k] = v.clone();
+    }
+    svc(s)
+}
+
+fn endpoints(eps: serde_json::Value) -> EndpointSlice {
+    slice(json!({
+        "metadata": {"name": "web-abc", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+        "endpoints": eps
+    }))
+}
+
+fn fe(port: u16, proto: u8) -> Frontend {
+    Frontend {
+        addr: SocketAddrV4::new([10, 96, 0, 10].into(), port),
+        proto,
+    }
+}
+
+fn addrs(d: &Desired, f: Frontend) -> Vec<String> {
+    d[&f].backends.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn ports_map_to_endpoint_ports_by_name_and_protocol() {
+    let eps = endpoints(
+        json!([{"addresses": ["10.244.0.2"]}, {"addresses": ["10.244.0.3"], "conditions": {"ready": true}}]),
+    );
+    let (d, problems) = desired(&[web(json!({}))], &[eps], &ModelConfig::default());
+    assert!(problems.is_empty());
+    assert_eq!(
+        addrs(&d, fe(80, PROTO_TCP)),
+        ["10.244.0.2:8080", "10.244.0.3:8080"]
+    );
+    assert_eq!(
+        addrs(&d, fe(53, PROTO_UDP)),
+        ["10.244.0.2:5353", "10.244.0.3:5353"]
+    );
+    assert_eq!(d[&fe(80, PROTO_TCP)].service.port, "http");
+}
+
+#[test]
+fn terminating_endpoints_only_when_no_ready_one_is_left() {
+    let term = json!({"addresses": ["10.244.0.9"], "conditions": {"ready": false, "serving": true, "terminating": true}});
+    let gone = json!({"addresses": ["10.244.0.8"], "conditions": {"ready": false, "serving": false, "terminating": true}});
+    let ready = json!({"addresses": ["10.244.0.2"], "conditions": {"ready": true}});
+    let (d, _) = desired(
+        &[web(json!({}))],
+        &[endpoints(json!([term, gone, ready]))],
+        &ModelConfig::default(),
+    );
+    assert_eq!(addrs(&d, fe(80, PROTO_TCP)), ["10.244.0.2:8080"]);
+    let (d, _) = desired(
+        &[web(json!({}))],
+        &[endpoints(json!([term, gone]))],
+        &ModelConfig::default(),
+    );
+    assert_eq!(addrs(&d, fe(80, PROTO_TCP)), ["10.244.0.9:8080"]);
+}
+
+#[test]
+fn no_slices_means_an_empty_frontend_not_a_missing_one() {
+    let (d, _) = desired(
+        &[web(json!({}))],
+        &[] as &[EndpointSlice],
+        &ModelConfig::default(),
+    );
+    assert!(
+        d[&fe(80, PROTO_TCP)].backends.is_empty(),
+        "an empty frontend is programmed so BPF refuses"
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+    let eps = endpoints(
+        json!([{"addresses": ["10.244.0.2"], "nodeName": "a"}, {"addresses": ["10.244.1.2"], "nodeName": "b"}]),
+    );
+    let cfg = ModelConfig {
+        node_name: Some("b".into()),
+        ..Default::default()
+    };
+    let (d, _) = desired(
+        &[web(json!({"internalTrafficPolicy": "Local"}))],
+        std::slice::from_ref(&eps),
+        &cfg,
+    );
+    assert_eq!(addrs(&d, fe(80, PROTO_TCP)), ["10.244.1.2:8080"]);
+    let (d, _) = desired(&[web(json!({}))], &[eps], &cfg);
+    assert_eq!(d[&fe(80, PROTO_TCP)].backends.len(), 2);
+}
+
+#[test]
+fn affinity_algorithm_and_skipped_services() {
+    let mut s = web(
+        json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+    );
+    s.metadata.annotations =
+        Some([(ALGORITHM_ANNOTATION.to_string(), "maglev".to_string())].into());
+    let headless = svc(
+        json!({"metadata": {"name": "h", "namespace": "default"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}}),
+    );
+    let external = svc(
+        json!({"metadata": {"name": "x", "namespace": "default"}, "spec": {"type": "ExternalName", "externalName": "example.com"}}),
+    );
+    let (d, _) = desired(
+        &[s, headless, external],
+        &[] as &[EndpointSlice],
+        &ModelConfig::default(),
+    );
+    assert_eq!(d.len(), 2, "only web's two ports: {d:?}");
+    let w = &d[&fe(80, PROTO_TCP)];
+    assert_eq!(
+        (w.algorithm, w.affinity_timeout_secs),
+        (Algorithm::Maglev, Some(60))
+    );
+    let (d, _) = desired(
+        &[web(json!({"sessionAffinity": "ClientIP"}))],
+        &[] as &[EndpointSlice],
+        &ModelConfig::default(),
+    );
+    assert_eq!(
+        d[&fe(80, PROTO_TCP)].affinity_timeout_secs,
+        Some(DEFAULT_AFFINITY_TIMEOUT_SECS)
+    );
+}
+
+#[test]
+fn bad_fields_are_reported_by_name_and_the_rest_is_kept() {
+    let mut s = web(json!({"externalIPs": ["not-an-ip", "192.0.2.7"]}));
+    s.metadata.annotations =
+        Some([(ALGORITHM_ANNOTATION.to_string(), "fastest".to_string())].into());
+    let (d, problems) = desired(&[s], &[] as &[EndpointSlice], &ModelConfig::default());
+    assert_eq!(
+        d.len(),
+        4,
+        "clusterIP and the valid externalIP, two ports each"
+    );
+    let text: Vec<_> = problems.iter().map(|p| p.reason.as_str()).collect();
+    assert!(
+        text.iter()
+            .any(|r| r.contains("weir.dev/lb-algorithm") && r.contains("fastest")),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|r| r.contains("externalIPs") && r.contains("not-an-ip")),
+        "{text:?}"
+    );
+}
