@@ -505,3 +505,6 @@ impl Store for EtcdStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
