@@ -3,6 +3,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cgroup;
+pub mod env;
 pub mod network;
 pub mod runtime;
 
