@@ -1,5 +1,6 @@
 //! Kubernetes API objects as weir serves them: the resource registry, defaulting, validation, patches, tables, discovery and OpenAPI documents.
 
+pub mod admission;
 pub mod names;
 pub mod registry;
 pub mod selector;

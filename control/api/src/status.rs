@@ -145,6 +145,15 @@ impl Cause {
         )
     }
 
+    /// `Not found: <value>`, e.g. a volume mount naming no volume.
+    pub fn not_found(field: &str, value: &Value) -> Self {
+        Self::new(
+            field,
+            "FieldValueNotFound",
+            format!("Not found: {}", show_value(value)),
+        )
+    }
+
     /// `Forbidden: detail`.
     pub fn forbidden(field: &str, detail: &str) -> Self {
         Self::new(field, "FieldValueForbidden", format!("Forbidden: {detail}"))
