@@ -153,10 +153,9 @@ fn exact_path_does_not_match_below_it() {
 #[test]
 fn default_backend_and_no_match() {
     let mut with_default = ingress("ns", "d", vec![]);
-    with_default
-        .spec
-        .as_mut()
-        .map(|s| s.default_backend = Some(backend("web", 80)));
+    if let Some(s) = with_default.spec.as_mut() {
+        s.default_backend = Some(backend("web", 80));
+    }
     let t = Builder::default().build(&snap(vec![ingress(
         "ns",
         "i",
@@ -227,16 +226,17 @@ fn class_filtering() {
         "other",
         vec![("h", "/", "Prefix", backend("web", 80))],
     );
-    other
-        .spec
-        .as_mut()
-        .map(|s| s.ingress_class_name = Some("nginx".into()));
+    if let Some(s) = other.spec.as_mut() {
+        s.ingress_class_name = Some("nginx".into());
+    }
     let mut unclassed = ingress(
         "ns",
         "unclassed",
         vec![("u", "/", "Prefix", backend("web", 80))],
     );
-    unclassed.spec.as_mut().map(|s| s.ingress_class_name = None);
+    if let Some(s) = unclassed.spec.as_mut() {
+        s.ingress_class_name = None;
+    }
     let t = Builder::default().build(&snap(vec![other.clone(), unclassed.clone()]));
     assert!(t.route("h", "/").is_none(), "class nginx is not ours");
     assert!(t.route("u", "/").is_none(), "no class and no default class");

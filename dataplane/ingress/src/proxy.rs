@@ -1,0 +1,645 @@
+//! Forwarding one request: route lookup in the current table, canary choice, endpoint pick,
+//! header rewriting (hop-by-hop stripped, `X-Forwarded-*` and `Forwarded` set), streaming
+//! the bodies both ways, retries of idempotent requests on another endpoint, HTTP Upgrade
+//! (WebSocket) tunnels, and one metrics update and access-log line per request.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::balance::{EjectPolicy, InFlight, now_ms};
+use crate::error::{ErrorKind, ProxyError};
+use crate::metrics::Metrics;
+use crate::table::Table;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Tunables of the forwarding path.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: u64,
+    pub connect_timeout: Duration,
+    /// Time allowed for an upstream's response headers unless the route sets its own.
+    pub read_timeout: Duration,
+    /// Further endpoints tried after a failure, for idempotent requests without a body.
+    pub retries: usize,
+    pub eject: EjectPolicy,
+    /// The port HTTPS is served on, for `ssl-redirect` locations.
+    pub https_port: u16,
+    pub access_log: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            max_body_bytes: 1 << 20,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(60),
+            retries: 2,
+            eject: EjectPolicy::default(),
+            https_port: 443,
+            access_log: true,
+        }
+    }
+}
+
+/// What the proxy knows about a downstream connection; built once per connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    xff: HeaderValue,
+    forwarded: String,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let ip = peer.ip().to_canonical();
+        let xff =
+            HeaderValue::try_from(ip.to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let proto = if tls { "https" } else { "http" };
+        let forwarded = match ip {
+            std::net::IpAddr::V4(v4) => format!("for={v4};proto={proto}"),
+            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\";proto={proto}"),
+        };
+        ConnInfo {
+            peer,
+            tls,
+            xff,
+            forwarded,
+        }
+    }
+}
+
+/// The body sent upstream: the client's, streamed under the size limit, or none.
+#[derive(Debug)]
+pub enum ReqBody {
+    Stream(Limited<Incoming>),
+    Empty,
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ReqBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Stream(b) => b.is_end_stream(),
+            ReqBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Stream(b) => b.size_hint(),
+            ReqBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The body sent downstream: the upstream's, streamed, holding the endpoint's outstanding
+/// count until it ends; or a short message from the proxy itself.
+#[derive(Debug)]
+pub enum RespBody {
+    Upstream(Incoming, InFlight),
+    Local(Option<Bytes>),
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Upstream(b, _) => Pin::new(b).poll_frame(cx),
+            RespBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Upstream(b, _) => b.is_end_stream(),
+            RespBody::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Upstream(b, _) => b.size_hint(),
+            RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// Per-request facts gathered for the metrics and the access log.
+#[derive(Default)]
+struct Outcome {
+    route: Option<Arc<str>>,
+    upstream: Option<Arc<str>>,
+    endpoint: Option<SocketAddr>,
+    attempts: u32,
+}
+
+/// The forwarding half of the ingress: shared by every connection.
+pub struct Proxy {
+    table: Arc<ArcSwap<Table>>,
+    h1: Client<HttpConnector, ReqBody>,
+    h2: Client<HttpConnector, ReqBody>,
+    cfg: ProxyConfig,
+    metrics: Arc<Metrics>,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+impl Proxy {
+    pub fn new(table: Arc<ArcSwap<Table>>, cfg: ProxyConfig, metrics: Arc<Metrics>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            // The proxy sets Host itself: the client's, not the endpoint address.
+            .set_host(false);
+        let h1 = builder.build(connector.clone());
+        let h2 = builder.http2_only(true).build(connector);
+        Proxy {
+            table,
+            h1,
+            h2,
+            cfg,
+            metrics,
+        }
+    }
+
+    /// Answer one downstream request; never fails (errors become responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let start = Instant::now();
+        let log = self.cfg.access_log.then(|| {
+            (
+                req.method().clone(),
+                req.uri().clone(),
+                host_of(&req),
+                req.version(),
+            )
+        });
+        let mut out = Outcome::default();
+        let resp = match self.forward(req, &conn, &mut out).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.metrics.error(&e);
+                if e.kind != ErrorKind::NoRoute {
+                    tracing::warn!(error = %e, client = %conn.peer, "request failed");
+                }
+                local(
+                    e.kind.status(),
+                    format!(
+                        "{} {}: {e}\n",
+                        e.kind.status().as_u16(),
+                        e.kind.status().canonical_reason().unwrap_or("")
+                    ),
+                )
+            }
+        };
+        let elapsed = start.elapsed();
+        let status = resp.status().as_u16();
+        self.metrics
+            .request(out.route.as_ref(), out.upstream.as_ref(), status, elapsed);
+        if let Some((method, uri, host, version)) = log {
+            tracing::info!(
+                target: "weir_ingress::access",
+                client = %conn.peer,
+                tls = conn.tls,
+                method = %method,
+                host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
+                path = uri.path(),
+                version = ?version,
+                status,
+                route = out.route.as_deref().unwrap_or(""),
+                upstream = out.upstream.as_deref().unwrap_or(""),
+                endpoint = %out.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                attempts = out.attempts,
+                duration_us = elapsed.as_micros() as u64,
+            );
+        }
+        Ok(resp)
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        out: &mut Outcome,
+    ) -> Result<Response<RespBody>, ProxyError> {
+        let host = host_of(&req);
+        let host_str = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+        let target = self.table.load().route(host_str, req.uri().path()).cloned();
+        let Some(target) = target else {
+            return Err(ProxyError::new(
+                ErrorKind::NoRoute,
+                format!(
+                    "no Ingress rule matches host {host_str:?} path {:?}",
+                    req.uri().path()
+                ),
+            ));
+        };
+        if target.ssl_redirect && !conn.tls {
+            return Ok(self.redirect(host_str, req.uri()));
+        }
+        let (route, backend) = target.choose(req.headers());
+        out.route = Some(route.clone());
+        out.upstream = Some(backend.name.clone());
+        let backend = backend.clone();
+
+        if let Some(len) = content_length(req.headers())
+            && len > self.cfg.max_body_bytes
+        {
+            return Err(ProxyError::new(
+                ErrorKind::BodyTooLarge,
+                format!(
+                    "content-length {len} exceeds the limit of {} bytes",
+                    self.cfg.max_body_bytes
+                ),
+            ));
+        }
+        let upgrade = is_upgrade(&req);
+        let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let method = parts.method;
+        let mut headers = parts.headers;
+        let wants_trailers = backend.h2 && te_has_trailers(&headers);
+        let upgrade_value = if upgrade {
+            headers.get(header::UPGRADE).cloned()
+        } else {
+            None
+        };
+        strip_hop_by_hop(&mut headers);
+        if let Some(u) = upgrade_value {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(header::UPGRADE, u);
+        }
+        if wants_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        self.set_forwarded(&mut headers, conn, host.as_ref());
+        if let Some(h) = host {
+            headers.insert(header::HOST, h);
+        }
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let version = if backend.h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let empty = body.is_end_stream();
+        let mut body = Some(if empty {
+            ReqBody::Empty
+        } else {
+            ReqBody::Stream(Limited::new(body, self.cfg.max_body_bytes as usize))
+        });
+        let retryable = empty && !upgrade && is_idempotent(&method);
+        let timeout = target.read_timeout.unwrap_or(self.cfg.read_timeout);
+        let client = if backend.h2 { &self.h2 } else { &self.h1 };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut last_error = None;
+        loop {
+            let now = now_ms();
+            let Some(endpoint) = backend.pick(&tried, now).cloned() else {
+                return Err(last_error.unwrap_or_else(|| {
+                    ProxyError::new(
+                        ErrorKind::NoEndpoints,
+                        format!("service {} has no ready endpoints", backend.name),
+                    )
+                }));
+            };
+            out.endpoint = Some(endpoint.addr);
+            out.attempts += 1;
+            let may_retry = retryable
+                && tried.len() < self.cfg.retries
+                && backend.endpoints.len() > tried.len() + 1;
+            let uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(endpoint.authority.clone())
+                .path_and_query(path.clone())
+                .build()
+                .map_err(|e| {
+                    ProxyError::new(ErrorKind::BadRequest, "request target").with_source(e)
+                })?;
+            let mut up = Request::new(body.take().unwrap_or(ReqBody::Empty));
+            *up.method_mut() = method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = version;
+            *up.headers_mut() = if may_retry {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
+
+            let inflight = InFlight::new(endpoint.clone());
+            let e = match tokio::time::timeout(timeout, client.request(up)).await {
+                Ok(Ok(mut resp)) => {
+                    endpoint.succeeded();
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(down) = on_upgrade
+                    {
+                        let up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(tunnel(down, up, inflight));
+                        return Ok(resp.map(|_| RespBody::Local(None)));
+                    }
+                    strip_hop_by_hop(resp.headers_mut());
+                    return Ok(resp.map(|b| RespBody::Upstream(b, inflight)));
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(ProxyError::new(
+                        ErrorKind::UpstreamTimeout,
+                        format!(
+                            "endpoint {} sent no response within {timeout:?}",
+                            endpoint.addr
+                        ),
+                    ));
+                }
+            };
+            if chain_has::<LengthLimitError>(&e) {
+                return Err(ProxyError::new(
+                    ErrorKind::BodyTooLarge,
+                    format!(
+                        "request body exceeds the limit of {} bytes",
+                        self.cfg.max_body_bytes
+                    ),
+                ));
+            }
+            let kind = if e.is_connect() {
+                if endpoint.connect_failed(&self.cfg.eject, now) {
+                    tracing::warn!(endpoint = %endpoint.addr, upstream = %backend.name, "endpoint ejected after consecutive connect failures");
+                }
+                ErrorKind::ConnectFailed
+            } else {
+                ErrorKind::UpstreamFailed
+            };
+            let err = ProxyError::new(
+                kind,
+                format!("endpoint {} of {}", endpoint.addr, backend.name),
+            )
+            .with_source(e)
+            .retryable(retryable);
+            if !may_retry {
+                return Err(err);
+            }
+            tracing::debug!(error = %err, "retrying on another endpoint");
+            tried.push(endpoint.addr);
+            last_error = Some(err);
+        }
+    }
+
+    fn set_forwarded(&self, headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
+        // An edge proxy does not trust what clients claim about earlier hops, as
+        // ingress-nginx by default: these headers are replaced, not appended to.
+        headers.insert(X_FORWARDED_FOR.clone(), conn.xff.clone());
+        let proto = if conn.tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+        let host = host
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| !h.contains(['"', '\\']));
+        let forwarded = match host {
+            Some(h) => {
+                headers.insert(
+                    X_FORWARDED_HOST.clone(),
+                    HeaderValue::try_from(h).unwrap_or(HeaderValue::from_static("")),
+                );
+                HeaderValue::try_from(format!("{};host=\"{h}\"", conn.forwarded))
+            }
+            None => HeaderValue::try_from(conn.forwarded.as_str()),
+        };
+        if let Ok(f) = forwarded {
+            headers.insert(FORWARDED.clone(), f);
+        }
+    }
+
+    fn redirect(&self, host: &str, uri: &Uri) -> Response<RespBody> {
+        let host = crate::table::normalize_host(host);
+        let port = if self.cfg.https_port == 443 {
+            String::new()
+        } else {
+            format!(":{}", self.cfg.https_port)
+        };
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        let location = format!("https://{host}{port}{pq}");
+        let mut resp = local(
+            StatusCode::PERMANENT_REDIRECT,
+            format!("308 Permanent Redirect: {location}\n"),
+        );
+        if let Ok(l) = HeaderValue::try_from(location) {
+            resp.headers_mut().insert(header::LOCATION, l);
+        }
+        resp
+    }
+}
+
+/// Copy bytes both ways between the upgraded client and upstream connections until either
+/// side closes; the endpoint counts the tunnel as outstanding while it lives.
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    _inflight: InFlight,
+) {
+    match tokio::try_join!(down, up) {
+        Ok((down, up)) => {
+            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                tracing::debug!(error = %e, "upgraded connection closed with an error");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "HTTP upgrade failed"),
+    }
+}
+
+/// A response generated by the proxy itself.
+pub fn local(status: StatusCode, body: String) -> Response<RespBody> {
+    let mut resp = Response::new(RespBody::Local(Some(Bytes::from(body))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The request's host: the URI authority (HTTP/2 `:authority`, absolute-form) or `Host`.
+fn host_of<B>(req: &Request<B>) -> Option<HeaderValue> {
+    match req.uri().authority() {
+        Some(a) => HeaderValue::try_from(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && header_has_token(req.headers(), &header::CONNECTION, "upgrade")
+}
+
+fn te_has_trailers(headers: &HeaderMap) -> bool {
+    header_has_token(headers, &header::TE, "trailers")
+}
+
+fn header_has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1): the fixed set and any named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|t| HeaderName::try_from(t.trim()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(h);
+    }
+}
+
+fn chain_has<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_including_connection_named_ones() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "gzip"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "basic x"),
+            ("accept", "*/*"),
+        ] {
+            h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["accept"]);
+    }
+
+    #[test]
+    fn forwarded_prefix_quotes_ipv6() {
+        let c = ConnInfo::new("[2001:db8::1]:5000".parse().expect("addr"), true);
+        assert_eq!(c.forwarded, "for=\"[2001:db8::1]\";proto=https");
+        let c = ConnInfo::new("[::ffff:10.0.0.1]:5000".parse().expect("addr"), false);
+        assert_eq!(
+            c.forwarded, "for=10.0.0.1;proto=http",
+            "v4-mapped shown as v4"
+        );
+        assert_eq!(c.xff, "10.0.0.1");
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers_on_http11() {
+        let req = Request::builder()
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        assert!(is_upgrade(&req));
+        let req = Request::builder()
+            .header("upgrade", "websocket")
+            .body(())
+            .expect("request");
+        assert!(!is_upgrade(&req));
+    }
+}

@@ -1,0 +1,896 @@
+//! End-to-end tests of the proxy on real loopback sockets: real HTTP/1.1 and h2c clients,
+//! real TLS handshakes with SNI and ALPN, real WebSocket-style upgrades, real backends that
+//! answer, hang, reset or vanish. The routing table is built from constructed Kubernetes
+//! objects; `watch` is exercised against the API server in `tests/ingress_apiserver.rs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::networking::v1::Ingress;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::fixtures::*;
+use crate::metrics::Metrics;
+use crate::table::{Builder, Snapshot, Table};
+use crate::tls::tests::tls_secret;
+use crate::{Args, IngressServer};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
+
+/// A test backend. Paths: `/headers` lists the request headers, `/echo` streams the body
+/// back, `/hang` never answers, `/reset` drops the connection without an answer, `/slow`
+/// answers after 300 ms; an Upgrade request gets 101 and an echo over the upgraded stream.
+/// Everything else answers `pod=<name>`.
+async fn upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| answer(name, req));
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+async fn answer(
+    name: &'static str,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    if req.headers().contains_key("upgrade") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::default())
+            .expect("response"));
+    }
+    let body = match req.uri().path() {
+        p if p.ends_with("/headers") => {
+            let mut s = format!("pod={name} version={:?}\n", req.version());
+            for (k, v) in req.headers() {
+                s.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+            }
+            s
+        }
+        "/echo" => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map_err(std::io::Error::other)?
+                .to_bytes();
+            return Ok(Response::new(Full::new(body)));
+        }
+        "/hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            String::new()
+        }
+        "/reset" => return Err(std::io::Error::other("backend drops this connection")),
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            format!("pod={name} slow")
+        }
+        _ => format!("pod={name}"),
+    };
+    Ok(Response::new(Full::new(Bytes::from(body))))
+}
+
+/// A running ingress with a table the test controls.
+struct Harness {
+    table: Arc<ArcSwap<Table>>,
+    builder: Builder,
+    snap: Snapshot,
+    http: SocketAddr,
+    https: SocketAddr,
+    metrics: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start(extra: &[&str]) -> Harness {
+        let mut argv = vec![
+            "weir-ingress",
+            "--http-addr=127.0.0.1:0",
+            "--https-addr=127.0.0.1:0",
+            "--metrics-addr=127.0.0.1:0",
+            "--header-read-timeout=500ms",
+            "--max-body-bytes=1024",
+            "--max-header-bytes=8192",
+            "--access-log=false",
+            "--shutdown-grace=5s",
+        ];
+        argv.extend_from_slice(extra);
+        let args = Cli::try_parse_from(argv).expect("flags").args;
+        let table = Arc::new(ArcSwap::from_pointee(Table::default()));
+        let server = IngressServer::bind(&args, table.clone(), Arc::new(Metrics::default()))
+            .await
+            .expect("bind");
+        let (http, https, metrics) = server.addrs();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.serve(shutdown.clone()));
+        Harness {
+            table,
+            builder: Builder::default(),
+            snap: Snapshot::default(),
+            http,
+            https,
+            metrics,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Service `ns/name` port 80 (named `http`, with `app_protocol`), one slice per endpoint.
+    fn service(&mut self, name: &str, endpoints: &[SocketAddr], app_protocol: Option<&str>) {
+        self.snap
+            .services
+            .push(Arc::new(service("ns", name, &[("http", 80, app_protocol)])));
+        for (i, e) in endpoints.iter().enumerate() {
+            let ip = e.ip().to_string();
+            let s = slice(
+                "ns",
+                &format!("{name}-{i}"),
+                name,
+                ("http", e.port() as i32),
+                &[(ip.as_str(), true)],
+            );
+            self.snap.slices.push(Arc::new(s));
+        }
+    }
+
+    fn ingress(&mut self, ing: Ingress) {
+        self.snap
+            .ingresses
+            .retain(|i| i.metadata.name != ing.metadata.name);
+        self.snap.ingresses.push(Arc::new(ing));
+    }
+
+    fn secret(&mut self, s: Secret) {
+        self.snap
+            .secrets
+            .retain(|i| i.metadata.name != s.metadata.name);
+        self.snap.secrets.push(Arc::new(s));
+    }
+
+    fn apply(&mut self) {
+        let t = self.builder.build(&self.snap);
+        self.table.store(Arc::new(t));
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+}
+
+fn h1_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    url: &str,
+    host: &str,
+) -> (StatusCode, String) {
+    let req = Request::get(url)
+        .header("host", host)
+        .body(Full::default())
+        .expect("request");
+    let resp = client.request(req).await.expect("response");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Write raw bytes, read until the server closes (or 2 s), return what came back.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn routes_by_host_and_path_and_balances_round_robin() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[a, b], None);
+    let mut ing = ingress(
+        "ns",
+        "web",
+        vec![(
+            "hello.example.com",
+            "/",
+            "Prefix",
+            backend_named("web", "http"),
+        )],
+    );
+    annotate(
+        &mut ing.metadata,
+        &[("ingress.weir.io/load-balance", "round_robin")],
+    );
+    h.ingress(ing);
+    h.apply();
+    let c = h1_client();
+    let mut pods = Vec::new();
+    for _ in 0..4 {
+        let (status, body) = get(&c, &h.url("/x"), "hello.example.com").await;
+        assert_eq!(status, StatusCode::OK);
+        pods.push(body);
+    }
+    assert_ne!(pods[0], pods[1], "{pods:?}");
+    assert_eq!(
+        (&pods[0], &pods[1]),
+        (&pods[2], &pods[3]),
+        "in turn: {pods:?}"
+    );
+
+    let (status, body) = get(&c, &h.url("/x"), "other.example.com").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        body.contains("no Ingress rule matches host \"other.example.com\""),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_set_and_hop_by_hop_stripped() {
+    let a = upstream("a").await;
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[a], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("h.example.com", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let req = Request::get(h.url("/headers"))
+        .header("host", "h.example.com:8080")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("connection", "x-private")
+        .header("x-private", "secret")
+        .header("proxy-authorization", "basic x")
+        .body(Full::default())
+        .expect("request");
+    let resp = h1_client().request(req).await.expect("response");
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .into_owned();
+    for want in [
+        "host: h.example.com:8080",
+        "x-forwarded-for: 127.0.0.1\n",
+        "x-forwarded-proto: http",
+        "x-forwarded-host: h.example.com:8080",
+        "forwarded: for=127.0.0.1;proto=http;host=\"h.example.com:8080\"",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in\n{body}");
+    }
+    for gone in ["x-private", "proxy-authorization", "6.6.6.6"] {
+        assert!(!body.contains(gone), "{gone:?} leaked in\n{body}");
+    }
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_downstream_and_h2_upstream_by_app_protocol() {
+    let a = upstream("a").await;
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[a], None);
+    h.service("grpc", &[a], Some("kubernetes.io/h2c"));
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![
+            ("", "/", "Prefix", backend("web", 80)),
+            ("", "/g", "Prefix", backend("grpc", 80)),
+        ],
+    ));
+    h.apply();
+    let c: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    // Over h2 the host is the :authority, here 127.0.0.1:port, so these rules have no host.
+    let req = Request::get(h.url("/headers"))
+        .body(Full::default())
+        .expect("req");
+    let resp = c.request(req).await.expect("h2c response");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .into_owned();
+    assert!(
+        body.contains("version=HTTP/1.1"),
+        "upstream spoke h1: {body}"
+    );
+
+    let req = Request::get(h.url("/g/headers"))
+        .body(Full::default())
+        .expect("req");
+    let resp = c.request(req).await.expect("h2c response");
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .into_owned();
+    assert!(
+        body.contains("version=HTTP/2.0"),
+        "upstream spoke h2: {body}"
+    );
+}
+
+/// Accepts any server certificate so tests can look at which one was presented.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS-connect to `addr` with `sni` and `alpn`; returns the stream.
+async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(sni.to_string()).expect("sni");
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("handshake")
+}
+
+fn presented(s: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<u8> {
+    s.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default()
+}
+
+fn secret_cert_der(s: &Secret) -> Vec<u8> {
+    let pem = &s
+        .data
+        .as_ref()
+        .and_then(|d| d.get("tls.crt"))
+        .expect("tls.crt")
+        .0;
+    rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .expect("one cert")
+        .expect("pem")
+        .to_vec()
+}
+
+#[tokio::test]
+async fn tls_sni_alpn_default_certificate_and_live_certificate_swap() {
+    let a = upstream("a").await;
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[a], None);
+    let first = tls_secret("ns", "cert", &["secure.example.com"]);
+    h.secret(first.clone());
+    h.ingress(with_tls(
+        ingress(
+            "ns",
+            "web",
+            vec![("secure.example.com", "/", "Prefix", backend("web", 80))],
+        ),
+        &["secure.example.com"],
+        "cert",
+    ));
+    h.apply();
+
+    // ALPN h2 over TLS, the certificate chosen by SNI.
+    let tls = tls_connect(h.https, "secure.example.com", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(presented(&tls), secret_cert_der(&first));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2");
+    tokio::spawn(conn);
+    let req = Request::get("https://secure.example.com/headers")
+        .body(Full::<Bytes>::default())
+        .expect("req");
+    let resp = send.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await.expect("body").to_bytes())
+        .into_owned();
+    assert!(body.contains("x-forwarded-proto: https"), "{body}");
+
+    // HTTP/1.1 over TLS.
+    let tls = tls_connect(h.https, "secure.example.com", &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = Request::get("/")
+        .header("host", "secure.example.com")
+        .body(Full::<Bytes>::default())
+        .expect("req");
+    assert_eq!(
+        send.send_request(req).await.expect("response").status(),
+        StatusCode::OK
+    );
+
+    // Unknown SNI: the default certificate, not an error and not a panic.
+    let tls = tls_connect(h.https, "unknown.example.org", &[b"http/1.1"]).await;
+    let default = presented(&tls);
+    assert!(!default.is_empty() && default != secret_cert_der(&first));
+
+    // The Secret changes: the next handshake presents the new certificate, no restart.
+    let second = tls_secret("ns", "cert", &["secure.example.com"]);
+    h.secret(second.clone());
+    h.apply();
+    let tls = tls_connect(h.https, "secure.example.com", &[b"http/1.1"]).await;
+    assert_eq!(presented(&tls), secret_cert_der(&second));
+
+    // Plain HTTP to a TLS host is redirected (ssl-redirect defaults to true).
+    let (status, body) = get(&h1_client(), &h.url("/p?q=1"), "secure.example.com").await;
+    assert_eq!(status, StatusCode::PERMANENT_REDIRECT);
+    assert!(
+        body.contains(&format!(
+            "https://secure.example.com:{}/p?q=1",
+            h.https.port()
+        )),
+        "{body}"
+    );
+}
+
+/// Send an Upgrade request on a raw connection and return it once 101 has been read.
+async fn open_websocket(addr: SocketAddr, host: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.expect("read 101");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    s
+}
+
+async fn ping(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.expect("tunnel write");
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut back))
+        .await
+        .expect("echo in time")
+        .expect("echo");
+    assert_eq!(back, msg);
+}
+
+#[tokio::test]
+async fn websockets_and_keepalive_connections_survive_route_changes() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[a], None);
+    h.service("other", &[b], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("ws.example.com", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let mut ws = open_websocket(h.http, "ws.example.com").await;
+    ping(&mut ws, b"hello").await;
+
+    // A slow request in flight across the changes.
+    let c = h1_client();
+    let slow = tokio::spawn({
+        let (c, url) = (c.clone(), h.url("/slow"));
+        async move { get(&c, &url, "ws.example.com").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for i in 0..=20 {
+        // Alternate the route between two services and add unrelated routes.
+        let svc = if i % 2 == 0 { "other" } else { "web" };
+        h.ingress(ingress(
+            "ns",
+            "web",
+            vec![("ws.example.com", "/", "Prefix", backend(svc, 80))],
+        ));
+        h.ingress(ingress(
+            "ns",
+            &format!("extra-{i}"),
+            vec![(
+                &*format!("x{i}.example.com"),
+                "/",
+                "Prefix",
+                backend("web", 80),
+            )],
+        ));
+        h.apply();
+        ping(&mut ws, format!("msg {i}").as_bytes()).await;
+        let (status, _) = get(&c, &h.url("/"), "ws.example.com").await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    assert_eq!(
+        slow.await.expect("join"),
+        (StatusCode::OK, "pod=a slow".to_string())
+    );
+    // The last change (i = 20) routes to `other`: new requests see it.
+    assert_eq!(get(&c, &h.url("/"), "ws.example.com").await.1, "pod=b");
+}
+
+#[tokio::test]
+async fn slow_loris_is_cut_off_by_the_header_read_timeout() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let started = Instant::now();
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    // Trickle a header byte every 100 ms; the server must close within its 500 ms timeout.
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if s.write_all(b"X").await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(1), s.read_to_end(&mut out)).await {
+            Ok(_) => break,
+            Err(_) if started.elapsed() > Duration::from_secs(3) => {
+                panic!("slow client still connected")
+            }
+            Err(_) => {}
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closed after {:?}",
+        started.elapsed()
+    );
+
+    // A client that connects and sends nothing is closed too.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut [0u8; 16]))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_invalid_requests_400() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let resp = raw(h.http, big.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+    let resp = raw(h.http, b"GARBAGE\x01 / HTTP/1.1\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+    // The proxy keeps serving.
+    assert_eq!(get(&h1_client(), &h.url("/"), "x").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn bodies_stream_and_oversized_bodies_get_413() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let c = h1_client();
+    let ok = Request::post(h.url("/echo"))
+        .body(Full::new(Bytes::from(vec![b'x'; 1000])))
+        .expect("req");
+    let resp = c.request(ok).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes()
+            .len(),
+        1000
+    );
+
+    let big = Request::post(h.url("/echo"))
+        .body(Full::new(Bytes::from(vec![b'x'; 2000])))
+        .expect("req");
+    assert_eq!(
+        c.request(big).await.expect("response").status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+
+    // Chunked, no Content-Length: the limit is enforced while streaming.
+    let chunk = "x".repeat(600);
+    let chunked = format!(
+        "POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let resp = raw(h.http, chunked.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+}
+
+#[tokio::test]
+async fn upstream_reset_gets_502_and_hang_gets_504_within_the_route_timeout() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    let mut ing = ingress("ns", "web", vec![("", "/", "Prefix", backend("web", 80))]);
+    annotate(
+        &mut ing.metadata,
+        &[("nginx.ingress.kubernetes.io/proxy-read-timeout", "300ms")],
+    );
+    h.ingress(ing);
+    h.apply();
+    let c = h1_client();
+    let started = Instant::now();
+    let (status, body) = get(&c, &h.url("/hang"), "x").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(body.contains("sent no response within 300ms"), "{body}");
+
+    let (status, body) = get(&c, &h.url("/reset"), "x").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("upstream failed (upstream)"), "{body}");
+
+    let metrics = get(&c, &format!("http://{}/metrics", h.metrics), "m")
+        .await
+        .1;
+    assert!(
+        metrics
+            .contains(r#"weir_ingress_errors_total{side="upstream",kind="upstream timed out"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"status="504""#), "{metrics}");
+}
+
+#[tokio::test]
+async fn connect_failures_retry_on_another_endpoint_and_eject() {
+    let a = upstream("a").await;
+    // A port nothing listens on: bind, learn the port, close.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let mut h = Harness::start(&["--eject-after-failures=1", "--eject-duration=60s"]).await;
+    h.service("web", &[dead, a], None);
+    let mut ing = ingress("ns", "web", vec![("", "/", "Prefix", backend("web", 80))]);
+    annotate(
+        &mut ing.metadata,
+        &[("ingress.weir.io/load-balance", "round_robin")],
+    );
+    h.ingress(ing);
+    h.apply();
+    let c = h1_client();
+    for _ in 0..6 {
+        assert_eq!(
+            get(&c, &h.url("/"), "x").await,
+            (StatusCode::OK, "pod=a".to_string())
+        );
+    }
+    let t = h.table.load();
+    let ep = &t.route("x", "/").expect("route").backend.endpoints;
+    let dead_ep = ep.iter().find(|e| e.addr == dead).expect("dead endpoint");
+    assert!(
+        dead_ep.is_ejected(crate::balance::now_ms()),
+        "ejected after a connect failure"
+    );
+
+    // A POST is not retried: the dead endpoint's failure is the answer when it is picked.
+    let mut h2 = Harness::start(&["--eject-after-failures=100"]).await;
+    h2.service("web", &[dead], None);
+    h2.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h2.apply();
+    let req = Request::post(h2.url("/echo"))
+        .body(Full::new(Bytes::from_static(b"x")))
+        .expect("req");
+    assert_eq!(
+        c.request(req).await.expect("response").status(),
+        StatusCode::BAD_GATEWAY
+    );
+}
+
+#[tokio::test]
+async fn endpoint_vanishing_mid_request_is_retried_only_when_safe() {
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[a, b], None);
+    // `/reset` on both would fail twice; route the reset path to a service whose first
+    // endpoint drops the connection and whose second is a plain backend.
+    let dropper = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let drop_addr = dropper.local_addr().expect("addr");
+    tokio::spawn(async move {
+        // Reads the request, then vanishes without answering.
+        while let Ok((mut s, _)) = dropper.accept().await {
+            let _ = s.read(&mut [0u8; 4096]).await;
+            drop(s);
+        }
+    });
+    h.service("flaky", &[drop_addr, a], None);
+    let mut ing = ingress("ns", "web", vec![("", "/", "Prefix", backend("flaky", 80))]);
+    annotate(
+        &mut ing.metadata,
+        &[("ingress.weir.io/load-balance", "round_robin")],
+    );
+    h.ingress(ing);
+    h.apply();
+    let c = h1_client();
+    for _ in 0..4 {
+        assert_eq!(
+            get(&c, &h.url("/"), "x").await,
+            (StatusCode::OK, "pod=a".to_string()),
+            "GET retried"
+        );
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let req = Request::post(h.url("/echo"))
+            .body(Full::new(Bytes::from_static(b"x")))
+            .expect("req");
+        statuses.push(c.request(req).await.expect("response").status());
+    }
+    assert!(
+        statuses.contains(&StatusCode::BAD_GATEWAY),
+        "POST not retried: {statuses:?}"
+    );
+    assert!(statuses.contains(&StatusCode::OK), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn no_endpoints_is_503_and_default_backend_catches_the_rest() {
+    let a = upstream("a").await;
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[a], None);
+    h.service("empty", &[], None);
+    let mut d = ingress(
+        "ns",
+        "default",
+        vec![("e.example.com", "/", "Prefix", backend("empty", 80))],
+    );
+    if let Some(s) = d.spec.as_mut() {
+        s.default_backend = Some(backend("web", 80));
+    }
+    h.ingress(d);
+    h.apply();
+    let c = h1_client();
+    let (status, body) = get(&c, &h.url("/"), "e.example.com").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        body.contains("service ns/empty:80 has no ready endpoints"),
+        "{body}"
+    );
+    assert_eq!(
+        get(&c, &h.url("/anything"), "nomatch").await,
+        (StatusCode::OK, "pod=a".to_string())
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let c = h1_client();
+    let url = h.url("/slow");
+    let in_flight = tokio::spawn({
+        let c = c.clone();
+        async move { get(&c, &url, "x").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.shutdown.cancel();
+    assert_eq!(
+        in_flight.await.expect("join"),
+        (StatusCode::OK, "pod=a slow".to_string())
+    );
+    tokio::time::timeout(Duration::from_secs(5), h.task)
+        .await
+        .expect("drained in time")
+        .expect("join");
+    assert!(TcpStream::connect(h.http).await.is_err(), "listener closed");
+}

@@ -1,0 +1,137 @@
+//! The thin Kubernetes side: kube-rs reflectors keep local caches of Ingresses,
+//! IngressClasses, Services, EndpointSlices and Secrets; after every burst of changes the
+//! routing table is rebuilt from those caches (the pure [`Builder`]) and swapped in.
+//! Nothing is served from a partial cache: the first table is built once every watch has
+//! finished its initial list.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use futures::{FutureExt, StreamExt, stream::BoxStream};
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::table::{Builder, Snapshot, Table};
+
+const KINDS: usize = 5;
+
+/// One watch: its index among [`KINDS`] and whether the event ended the initial list.
+fn watch<K>(
+    client: &Client,
+    idx: usize,
+    writer: reflector::store::Writer<K>,
+) -> BoxStream<'static, (usize, bool)>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let api: Api<K> = Api::all(client.clone());
+    reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .filter_map(move |event| async move {
+            match event {
+                Ok(watcher::Event::InitDone) => Some((idx, true)),
+                Ok(_) => Some((idx, false)),
+                Err(e) => {
+                    tracing::warn!(kind = %K::kind(&()), error = %e, "ingress watch failed; retrying");
+                    None
+                }
+            }
+        })
+        .boxed()
+}
+
+struct Stores {
+    ingresses: Store<Ingress>,
+    classes: Store<IngressClass>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    secrets: Store<Secret>,
+}
+
+impl Stores {
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            ingresses: self.ingresses.state(),
+            classes: self.classes.state(),
+            services: self.services.state(),
+            slices: self.slices.state(),
+            secrets: self.secrets.state(),
+        }
+    }
+}
+
+/// Watch the API server and keep `table` current until `shutdown`.
+pub async fn run(
+    client: Client,
+    mut builder: Builder,
+    table: Arc<ArcSwap<Table>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let (ingresses, w0) = reflector::store();
+    let (classes, w1) = reflector::store();
+    let (services, w2) = reflector::store();
+    let (slices, w3) = reflector::store();
+    let (secrets, w4) = reflector::store();
+    let stores = Stores {
+        ingresses,
+        classes,
+        services,
+        slices,
+        secrets,
+    };
+    let mut events = futures::stream::select_all([
+        watch::<Ingress>(&client, 0, w0),
+        watch::<IngressClass>(&client, 1, w1),
+        watch::<Service>(&client, 2, w2),
+        watch::<EndpointSlice>(&client, 3, w3),
+        watch::<Secret>(&client, 4, w4),
+    ]);
+    let mut listed = [false; KINDS];
+    let mut reported: HashSet<String> = HashSet::new();
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            e = events.next() => e,
+        };
+        let Some((idx, init_done)) = first else {
+            return;
+        };
+        listed[idx] |= init_done;
+        // Coalesce a burst (an initial list, a rollout) into one rebuild.
+        while let Some(Some((idx, init_done))) = events.next().now_or_never() {
+            listed[idx] |= init_done;
+        }
+        if !listed.iter().all(|l| *l) {
+            continue;
+        }
+        let started = std::time::Instant::now();
+        let next = builder.build(&stores.snapshot());
+        for p in next.problems.iter().filter(|p| !reported.contains(*p)) {
+            tracing::warn!(problem = %p, "ingress configuration");
+        }
+        reported = next.problems.iter().cloned().collect();
+        metrics.routes.set(next.routes as i64);
+        metrics.swaps.inc();
+        tracing::info!(
+            routes = next.routes,
+            took_us = started.elapsed().as_micros() as u64,
+            "routing table swapped"
+        );
+        table.store(Arc::new(next));
+    }
+}
