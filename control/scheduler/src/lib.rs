@@ -7,10 +7,12 @@ pub mod core;
 pub mod plugins;
 pub mod podinfo;
 pub mod quantity;
+pub mod run;
 pub mod snapshot;
 
 pub use crate::core::{Config, FitError, Scheduler};
 pub use crate::podinfo::PodInfo;
+pub use crate::run::{RunConfig, RunError, run};
 
 #[cfg(test)]
 mod testutil;

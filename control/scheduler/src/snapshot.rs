@@ -159,6 +159,20 @@ impl Snapshot {
         }
     }
 
+    /// Names of the nodes that exist.
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| n.present)
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// UIDs of every accounted pod.
+    pub fn pod_uids(&self) -> impl Iterator<Item = String> + '_ {
+        self.pods.keys().cloned()
+    }
+
     pub fn has_pod(&self, uid: &str) -> bool {
         self.pods.contains_key(uid)
     }
