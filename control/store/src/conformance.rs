@@ -448,6 +448,24 @@ async fn prefix_isolation(store: Arc<dyn Store>) {
     assert_eq!(keys(&all.items), ["/a", "/a/x", "/a/z", "/ab/y"]);
 }
 
+/// Objects up to etcd's default 1.5 MiB request limit, and a list larger than gRPC's
+/// default 4 MiB message limit.
+async fn large_values(store: Arc<dyn Store>) {
+    let value = vec![b'v'; 1024 * 1024];
+    for i in 0..5 {
+        store
+            .create(&format!("/big/{i}"), value.clone())
+            .await
+            .expect("create a 1 MiB value");
+    }
+    let list = store
+        .list("/big/", ListOptions::default())
+        .await
+        .expect("list 5 MiB");
+    assert_eq!(list.items.len(), 5);
+    assert!(list.items.iter().all(|kv| kv.value == value));
+}
+
 const WRITERS: usize = 16;
 const WRITES_EACH: usize = 50;
 
@@ -564,6 +582,7 @@ macro_rules! suite {
             check!(watch_from_revision);
             check!(compaction);
             check!(prefix_isolation);
+            check!(large_values);
             check!(one_key_many_writers);
             check!(many_keys_many_writers);
         }

@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KvClient,
+    PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchOptions, WatchResponse,
 };
 use tokio::sync::mpsc;
 
@@ -26,6 +26,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 const WATCH_BUFFER: usize = 256;
+/// Largest etcd response accepted. tonic's 4 MiB default fails an unpaged list of a few
+/// thousand objects; kube-apiserver lifts the limit the same way.
+const MAX_MESSAGE: usize = i32::MAX as usize;
 
 /// A store on an etcd cluster.
 #[derive(Clone)]
@@ -62,8 +65,14 @@ impl EtcdStore {
         Ok(store)
     }
 
+    fn kv(&self) -> KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE)
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         bounded(kv.txn(txn)).await
     }
 
@@ -232,7 +241,7 @@ async fn open_watch(
     prefix: &str,
     start: i64,
 ) -> Result<(etcd_client::WatchStream, Option<WatchResponse>)> {
-    let mut watch = client.watch_client();
+    let mut watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
     let opts = WatchOptions::new()
         .with_range(prefix_end(prefix))
         .with_start_revision(start)
@@ -351,7 +360,7 @@ async fn run_watch(
 #[async_trait::async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp = bounded(kv.get(key, None)).await?;
         resp.kvs().first().map(convert).transpose()
     }
@@ -372,7 +381,7 @@ impl Store for EtcdStore {
         if opts.limit > 0 {
             get = get.with_limit(i64::try_from(opts.limit).unwrap_or(i64::MAX));
         }
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp = match tokio::time::timeout(REQUEST_TIMEOUT, kv.get(start, Some(get))).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => return Err(self.revision_error(e, opts.revision).await),
@@ -488,7 +497,7 @@ impl Store for EtcdStore {
     }
 
     async fn current_revision(&self) -> Result<i64> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let opts = GetOptions::new().with_count_only();
         let resp = bounded(kv.get("\0", Some(opts))).await?;
         resp.header()
@@ -497,7 +506,7 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: i64) -> Result<()> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         match tokio::time::timeout(REQUEST_TIMEOUT, kv.compact(revision, None)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.revision_error(e, revision).await),

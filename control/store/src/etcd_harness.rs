@@ -92,8 +92,42 @@ impl EtcdProcess {
     /// Kills etcd (SIGKILL, as a crash would) and keeps its data.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused process dies of SIGKILL too; CONT first so no stopped zombie lingers.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Freezes etcd (SIGSTOP): it keeps its connections but answers nothing, like a hung or
+    /// partitioned server. [`resume`](Self::resume) lets it go on.
+    pub fn pause(&self) -> Result<(), HarnessError> {
+        self.signal("-STOP")
+    }
+
+    /// Resumes a [`pause`](Self::pause)d etcd (SIGCONT).
+    pub fn resume(&self) -> Result<(), HarnessError> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<(), HarnessError> {
+        let Some(child) = &self.child else {
+            return Ok(());
+        };
+        let pid = child.id().to_string();
+        let status = Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .map_err(io(format!("running kill {signal} {pid}")))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(HarnessError::Io {
+                context: format!("kill {signal} {pid}"),
+                source: std::io::Error::other(status.to_string()),
+            })
         }
     }
 
