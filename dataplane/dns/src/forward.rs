@@ -288,6 +288,3 @@ async fn exchange_tcp(upstream: SocketAddr, query: &[u8]) -> Result<Message, Exc
     stream.read_exact(&mut buf).await?;
     Ok(Message::from_vec(&buf)?)
 }
-
-#[cfg(test)]
-mod tests;

@@ -225,6 +225,3 @@ impl Handler {
         Some(wire::wire_to_name(&base))
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -176,7 +176,6 @@ impl Collector for QueryCollector {
                 c.encode(family.encode_family(&labels)?)?;
             }
         }
-        drop(family);
         let dropped: u64 = self
             .0
             .shards

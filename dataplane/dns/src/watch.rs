@@ -16,9 +16,9 @@ use crate::records::ObjKey;
 use crate::zone::Zone;
 
 enum Change {
-    Service(Event<Service>),
-    Slice(Event<EndpointSlice>),
-    Pod(Event<Pod>),
+    Service(Box<Event<Service>>),
+    Slice(Box<Event<EndpointSlice>>),
+    Pod(Box<Event<Pod>>),
 }
 
 fn watch<K>(client: &Client, wrap: fn(Event<K>) -> Change) -> impl Stream<Item = Change> + use<K>
@@ -60,10 +60,10 @@ pub async fn run(
     synced: CancellationToken,
 ) {
     let events = futures::stream::select(
-        watch::<Service>(&client, Change::Service),
+        watch::<Service>(&client, |ev| Change::Service(Box::new(ev))),
         futures::stream::select(
-            watch::<EndpointSlice>(&client, Change::Slice),
-            watch::<Pod>(&client, Change::Pod),
+            watch::<EndpointSlice>(&client, |ev| Change::Slice(Box::new(ev))),
+            watch::<Pod>(&client, |ev| Change::Pod(Box::new(ev))),
         ),
     );
     let mut events = std::pin::pin!(events);
@@ -76,7 +76,7 @@ pub async fn run(
         };
         let publish = match change {
             Change::Service(ev) => apply(
-                ev,
+                *ev,
                 &mut relist.services,
                 &mut zone,
                 &mut done[0],
@@ -85,7 +85,7 @@ pub async fn run(
                 Zone::service_keys,
             ),
             Change::Slice(ev) => apply(
-                ev,
+                *ev,
                 &mut relist.slices,
                 &mut zone,
                 &mut done[1],
@@ -94,7 +94,7 @@ pub async fn run(
                 Zone::slice_keys,
             ),
             Change::Pod(ev) => apply(
-                ev,
+                *ev,
                 &mut relist.pods,
                 &mut zone,
                 &mut done[2],

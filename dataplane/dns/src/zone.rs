@@ -213,10 +213,10 @@ impl Zone {
         let key = ObjKey::of(&slice.metadata);
         let view = SliceView::of(slice);
         let new_svc = view.service.clone();
-        if let Some(old) = self.slices.insert(key.clone(), view) {
-            if old.service != new_svc {
-                self.unlink_slice(&key, old.service.as_ref());
-            }
+        if let Some(old) = self.slices.insert(key.clone(), view)
+            && old.service != new_svc
+        {
+            self.unlink_slice(&key, old.service.as_ref());
         }
         if let Some(svc) = new_svc {
             self.slices_of.entry(svc.clone()).or_default().insert(key);

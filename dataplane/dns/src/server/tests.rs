@@ -1,1 +1,509 @@
+//! The server over real sockets on loopback: real DNS packets from hickory-built messages and
+//! from `dig`, a real upstream resolver process-in-a-task, and hostile input.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, SOA};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::records::tests::{pod, service, slice};
+use crate::zone::Zone;
+use crate::{Args, build};
+
+struct TestDns {
+    addr: SocketAddr,
+    zone: Zone,
+    server: Arc<super::Server>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestDns {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn args(upstreams: Vec<SocketAddr>, forward_timeout_ms: u64) -> Args {
+    Args {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        zone: "cluster.local".into(),
+        ttl: 5,
+        upstreams,
+        resolv_conf: "/dev/null".into(),
+        forward_timeout_ms,
+        cache_size: 100,
+        udp_workers: 2,
+        no_autopath: false,
+        metrics: None,
+    }
+}
+
+async fn start(args: Args, search: &[&str]) -> TestDns {
+    let mut dns = build(&args).unwrap();
+    let addr = dns.bound.local_addr();
+    Arc::get_mut(&mut dns.server).unwrap().search = search.iter().map(|s| s.to_string()).collect();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(dns.server.clone().serve(dns.bound, shutdown.clone()));
+    TestDns {
+        addr,
+        zone: dns.zone,
+        server: dns.server,
+        shutdown,
+    }
+}
+
+fn query(name: &str, rtype: RecordType, edns: bool) -> Vec<u8> {
+    let mut m = Message::new(rand::random(), MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    if edns {
+        let mut e = Edns::new();
+        e.set_max_payload(1232);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+async fn udp_raw(addr: SocketAddr, msg: &[u8], wait: Duration) -> Option<Message> {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(msg, addr).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let n = tokio::time::timeout(wait, sock.recv(&mut buf))
+        .await
+        .ok()?
+        .unwrap();
+    Some(Message::from_vec(&buf[..n]).unwrap())
+}
+
+async fn udp(addr: SocketAddr, name: &str, rtype: RecordType) -> Message {
+    udp_raw(addr, &query(name, rtype, true), Duration::from_secs(3))
+        .await
+        .unwrap_or_else(|| panic!("no answer for {name} {rtype}"))
+}
+
+async fn tcp(addr: SocketAddr, msg: &[u8]) -> Message {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&(msg.len() as u16).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(msg).await.unwrap();
+    let len = s.read_u16().await.unwrap();
+    let mut buf = vec![0u8; len as usize];
+    s.read_exact(&mut buf).await.unwrap();
+    Message::from_vec(&buf).unwrap()
+}
+
+fn a_records(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A real upstream resolver for the tests: answers `*.example.` A queries with 192.0.2.1
+/// after `delay`, NXDOMAIN (with an SOA) for `nx.*` and the rest, and counts what it was asked.
+struct Upstream {
+    addr: SocketAddr,
+    asked: Arc<AtomicUsize>,
+}
+
+async fn upstream(delay: Duration) -> Upstream {
+    let sock = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = sock.local_addr().unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let req = Message::from_vec(&buf[..n]).unwrap();
+            let sock = sock.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let q = req.queries[0].clone();
+                let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+                resp.add_query(q.clone());
+                let name = q.name().to_ascii().to_ascii_lowercase();
+                if name.ends_with("example.") && !name.starts_with("nx.") {
+                    resp.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        60,
+                        RData::A(A::new(192, 0, 2, 1)),
+                    ));
+                } else {
+                    resp.metadata.response_code = ResponseCode::NXDomain;
+                    let zone = Name::from_ascii("example.").unwrap();
+                    let soa = SOA::new(zone.clone(), zone.clone(), 1, 1, 1, 1, 30);
+                    resp.add_authority(Record::from_rdata(zone, 30, RData::SOA(soa)));
+                }
+                let _ = sock.send_to(&resp.to_vec().unwrap(), peer).await;
+            });
+        }
+    });
+    Upstream { addr, asked }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_records_are_answered_over_udp_and_tcp() {
+    let mut dns = start(args(vec![], 500), &[]).await;
+    dns.zone
+        .apply_service(&service("default", "hello", "10.96.0.20", &[("http", 80)]));
+    let mut ext = service("default", "ext", "", &[]);
+    let spec = ext.spec.as_mut().unwrap();
+    spec.type_ = Some("ExternalName".into());
+    spec.external_name = Some("example.com".into());
+    dns.zone.apply_service(&ext);
+    dns.zone.publish();
+
+    let m = udp(dns.addr, "hello.default.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(a_records(&m), ["10.96.0.20"]);
+    assert_eq!(m.answers[0].ttl, 5);
+    assert!(m.edns.is_some(), "an EDNS query gets an OPT back");
+
+    // Case-insensitive match, with the question's casing echoed.
+    let m = udp(dns.addr, "HeLLo.Default.SVC.cluster.LOCAL.", RecordType::A).await;
+    assert_eq!(a_records(&m), ["10.96.0.20"]);
+    assert_eq!(
+        m.queries[0].name().to_ascii(),
+        "HeLLo.Default.SVC.cluster.LOCAL."
+    );
+
+    let m = udp(
+        dns.addr,
+        "_http._tcp.hello.default.svc.cluster.local.",
+        RecordType::SRV,
+    )
+    .await;
+    match &m.answers[0].data {
+        RData::SRV(srv) => {
+            assert_eq!(srv.port, 80);
+            assert_eq!(srv.target.to_ascii(), "hello.default.svc.cluster.local.");
+        }
+        other => panic!("expected SRV, got {other:?}"),
+    }
+
+    let m = udp(dns.addr, "20.0.96.10.in-addr.arpa.", RecordType::PTR).await;
+    match &m.answers[0].data {
+        RData::PTR(ptr) => assert_eq!(ptr.0.to_ascii(), "hello.default.svc.cluster.local."),
+        other => panic!("expected PTR, got {other:?}"),
+    }
+
+    let m = udp(dns.addr, "ext.default.svc.cluster.local.", RecordType::A).await;
+    assert!(matches!(&m.answers[0].data, RData::CNAME(c) if c.0.to_ascii() == "example.com."));
+
+    let m = udp(dns.addr, "dns-version.cluster.local.", RecordType::TXT).await;
+    assert!(matches!(&m.answers[0].data, RData::TXT(t) if t.to_string() == "1.1.0"));
+
+    // NXDOMAIN and NODATA carry the zone's SOA in the authority section.
+    let m = udp(dns.addr, "nope.default.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert!(m.answers.is_empty());
+    assert!(
+        matches!(&m.authorities[0].data, RData::SOA(s) if s.mname.to_ascii() == "ns.dns.cluster.local.")
+    );
+    assert_eq!(m.authorities[0].name.to_ascii(), "cluster.local.");
+    let m = udp(
+        dns.addr,
+        "hello.default.svc.cluster.local.",
+        RecordType::AAAA,
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.answers.is_empty());
+    assert!(matches!(&m.authorities[0].data, RData::SOA(_)));
+    let m = udp(dns.addr, "default.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::NoError,
+        "empty non-terminal"
+    );
+
+    let m = tcp(
+        dns.addr,
+        &query("hello.default.svc.cluster.local.", RecordType::A, false),
+    )
+    .await;
+    assert_eq!(a_records(&m), ["10.96.0.20"]);
+
+    // Deleting the Service turns the answer into NXDOMAIN at the next publish.
+    dns.zone.delete_service(&crate::records::ObjKey {
+        namespace: "default".into(),
+        name: "hello".into(),
+    });
+    dns.zone.publish();
+    let m = udp(dns.addr, "hello.default.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+
+    let text = {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &dns.server.metrics.registry()).unwrap();
+        s
+    };
+    assert!(
+        text.contains(r#"weir_dns_queries_total{type="A",rcode="NXDOMAIN"} 2"#),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_answers_truncate_over_udp_and_complete_over_tcp() {
+    let mut dns = start(args(vec![], 500), &[]).await;
+    dns.zone.apply_service(&service("db", "big", "None", &[]));
+    let endpoints: Vec<String> = (0..100).map(|i| format!("10.244.3.{i}")).collect();
+    let eps: Vec<(&str, Option<&str>, Option<bool>)> = endpoints
+        .iter()
+        .map(|ip| (ip.as_str(), None, None))
+        .collect();
+    dns.zone
+        .apply_slice(&slice("db", "big-1", "big", &eps, &[]));
+    dns.zone.publish();
+
+    for edns in [false, true] {
+        let q = query("big.db.svc.cluster.local.", RecordType::A, edns);
+        let m = udp_raw(dns.addr, &q, Duration::from_secs(3)).await.unwrap();
+        assert!(
+            m.metadata.truncation,
+            "100 A records exceed the UDP limit (EDNS: {edns})"
+        );
+        assert!(m.answers.is_empty());
+        let m = tcp(dns.addr, &q).await;
+        assert!(!m.metadata.truncation);
+        assert_eq!(a_records(&m).len(), 100);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_coalesces_in_flight_queries_and_caches_answers() {
+    let up = upstream(Duration::from_millis(200)).await;
+    let dns = start(args(vec![up.addr], 2000), &[]).await;
+    let addr = dns.addr;
+    let clients: Vec<_> = (0..20)
+        .map(|_| tokio::spawn(async move { udp(addr, "www.example.", RecordType::A).await }))
+        .collect();
+    for c in clients {
+        let m = c.await.unwrap();
+        assert_eq!(a_records(&m), ["192.0.2.1"]);
+        assert!(m.metadata.recursion_available && !m.metadata.authoritative);
+    }
+    assert_eq!(
+        up.asked.load(Ordering::SeqCst),
+        1,
+        "20 identical queries, one upstream query"
+    );
+    let m = udp(addr, "WWW.example.", RecordType::A).await;
+    assert_eq!(a_records(&m), ["192.0.2.1"]);
+    assert_eq!(m.queries[0].name().to_ascii(), "WWW.example.");
+    assert_eq!(
+        up.asked.load(Ordering::SeqCst),
+        1,
+        "answered from the cache"
+    );
+    assert!(dns.server.metrics.cache_hits.get() >= 1);
+    assert!(dns.server.metrics.coalesced.get() >= 1);
+
+    // Negative answers are cached too.
+    for _ in 0..2 {
+        let m = udp(addr, "nx.example.", RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert!(matches!(&m.authorities[0].data, RData::SOA(_)));
+    }
+    assert_eq!(up.asked.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresponsive_upstream_is_servfail_in_bounded_time_and_cluster_names_still_answer() {
+    // An upstream that never answers: a bound socket nobody reads.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut dns = start(args(vec![silent.local_addr().unwrap()], 300), &[]).await;
+    dns.zone
+        .apply_service(&service("default", "hello", "10.96.0.20", &[]));
+    dns.zone.publish();
+    let addr = dns.addr;
+    let stuck: Vec<_> = (0..50)
+        .map(|i| {
+            let name = format!("host{i}.unreachable.test.");
+            tokio::spawn(async move {
+                udp_raw(
+                    addr,
+                    &query(&name, RecordType::A, false),
+                    Duration::from_secs(3),
+                )
+                .await
+            })
+        })
+        .collect();
+    let m = udp(addr, "hello.default.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(a_records(&m), ["10.96.0.20"]);
+    for s in stuck {
+        let m = s
+            .await
+            .unwrap()
+            .expect("SERVFAIL well within the client's 3 s wait");
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+    assert!(dns.server.metrics.forward_errors.get() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_formerr_or_is_dropped_and_never_stops_service() {
+    let mut dns = start(args(vec![], 300), &[]).await;
+    dns.zone
+        .apply_service(&service("default", "hello", "10.96.0.20", &[]));
+    dns.zone.publish();
+    let addr = dns.addr;
+    let wait = Duration::from_millis(300);
+    let good = query("hello.default.svc.cluster.local.", RecordType::A, false);
+
+    // Garbage and truncated headers: dropped.
+    assert!(udp_raw(addr, b"\xff\xfe garbage", wait).await.is_none());
+    assert!(udp_raw(addr, &good[..7], wait).await.is_none());
+    let formerr = |m: Option<Message>| {
+        let m = m.expect("a FORMERR answer");
+        assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
+    };
+    // Truncated question.
+    formerr(udp_raw(addr, &good[..20], wait).await);
+    // Compression-pointer loop in the question.
+    let mut looped = good[..12].to_vec();
+    looped.extend([0xC0, 0x0C, 0, 1, 0, 1]);
+    formerr(udp_raw(addr, &looped, wait).await);
+    // Oversized label (length byte 64..).
+    let mut oversized = good[..12].to_vec();
+    oversized.push(0x7f);
+    oversized.extend([b'a'; 0x7f]);
+    oversized.extend([0, 0, 1, 0, 1]);
+    formerr(udp_raw(addr, &oversized, wait).await);
+    // Many questions.
+    let mut many = Message::new(9, MessageType::Query, OpCode::Query);
+    for i in 0..40 {
+        let name = Name::from_ascii(format!("q{i}.default.svc.cluster.local.")).unwrap();
+        many.add_query(Query::query(name, RecordType::A));
+    }
+    formerr(udp_raw(addr, &many.to_vec().unwrap(), wait).await);
+    // The same over TCP: a FORMERR, and the connection keeps serving.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for msg in [&looped[..], &good[..]] {
+        s.write_all(&(msg.len() as u16).to_be_bytes())
+            .await
+            .unwrap();
+        s.write_all(msg).await.unwrap();
+        let len = s.read_u16().await.unwrap();
+        let mut buf = vec![0u8; len as usize];
+        s.read_exact(&mut buf).await.unwrap();
+        let m = Message::from_vec(&buf).unwrap();
+        assert_eq!(m.metadata.id, u16::from_be_bytes([msg[0], msg[1]]));
+    }
+
+    // A flood from one client (garbage, bad queries and forwardable names at full speed)
+    // while another client keeps getting its answers.
+    let flood_stop = CancellationToken::new();
+    let stop = flood_stop.clone();
+    let flood = tokio::spawn(async move {
+        let sock = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let fwd = query("flood.unreachable.test.", RecordType::A, false);
+        let mut sent = 0u64;
+        while !stop.is_cancelled() {
+            for msg in [&b"\x00\x01garbage"[..], &looped, &fwd, &good] {
+                let _ = sock.send_to(msg, addr).await;
+                sent += 1;
+            }
+        }
+        sent
+    });
+    for _ in 0..50 {
+        let m = udp(addr, "hello.default.svc.cluster.local.", RecordType::A).await;
+        assert_eq!(a_records(&m), ["10.96.0.20"]);
+    }
+    flood_stop.cancel();
+    assert!(flood.await.unwrap() > 1000, "the flood really ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autopath_answers_the_first_search_expanded_query() {
+    let up = upstream(Duration::ZERO).await;
+    let mut dns = start(args(vec![up.addr], 1000), &["corp.example"]).await;
+    // The querying pod: 127.0.0.1 in namespace "team".
+    dns.zone.apply_pod(&pod("team", "client", "127.0.0.1"));
+    dns.zone
+        .apply_service(&service("other", "api", "10.96.0.30", &[]));
+    dns.zone.publish();
+
+    // `api.other` from a pod in `team`: the resolver's first try is
+    // api.other.team.svc.cluster.local; the server finds api.other.svc.cluster.local.
+    let m = udp(dns.addr, "api.other.team.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(matches!(&m.answers[0].data,
+        RData::CNAME(c) if c.0.to_ascii() == "api.other.svc.cluster.local."));
+    assert_eq!(a_records(&m), ["10.96.0.30"]);
+
+    // An external name walks on to the node's search domain (answered upstream).
+    let m = udp(dns.addr, "db.team.svc.cluster.local.", RecordType::A).await;
+    assert!(matches!(&m.answers[0].data,
+        RData::CNAME(c) if c.0.to_ascii() == "db.corp.example."));
+    assert_eq!(a_records(&m), ["192.0.2.1"]);
+
+    // A name found nowhere keeps its NXDOMAIN.
+    let m = udp(dns.addr, "nx.team.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+
+    // Clients that are not pods of that namespace get no autopath.
+    let m = udp(
+        dns.addr,
+        "api.other.elsewhere.svc.cluster.local.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dig_gets_the_answers() {
+    let mut dns = start(args(vec![], 300), &[]).await;
+    dns.zone
+        .apply_service(&service("default", "hello", "10.96.0.20", &[("http", 80)]));
+    dns.zone.publish();
+    let port = dns.addr.port().to_string();
+    let dig = |extra: &'static [&'static str]| {
+        let port = port.clone();
+        async move {
+            let out = tokio::process::Command::new("dig")
+                .args(["@127.0.0.1", "-p", &port, "+short", "+time=2", "+tries=1"])
+                .args(extra)
+                .output()
+                .await
+                .expect("dig (dnsutils) is installed");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+    };
+    assert_eq!(
+        dig(&["hello.default.svc.cluster.local"]).await,
+        "10.96.0.20"
+    );
+    assert_eq!(
+        dig(&["+tcp", "hello.default.svc.cluster.local"]).await,
+        "10.96.0.20"
+    );
+    assert_eq!(
+        dig(&["-x", "10.96.0.20"]).await,
+        "hello.default.svc.cluster.local."
+    );
+    assert_eq!(
+        dig(&["SRV", "_http._tcp.hello.default.svc.cluster.local"]).await,
+        "0 100 80 hello.default.svc.cluster.local."
+    );
+}
