@@ -14,7 +14,9 @@ pub const DEFAULT_SEED: u64 = 0x7765_6972_6c62_3031;
 pub fn valid_table_size(n: u32) -> bool {
     n >= 2
         && n as usize <= weir_lb_common::MAGLEV_MAX
-        && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// The table for `backends` (indexed by slot): entry `i` is the slot flows hashing to `i` use.

@@ -40,6 +40,7 @@ pub struct LbMaps {
 /// Loads the programs, attaches them to `cgroup` (a cgroup v2 directory of weir's own, never
 /// the root) and returns the maps. `bpf_root` holds `maps/` and `links/`.
 pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> {
+    ensure_bpffs(bpf_root)?;
     let maps_dir = bpf_root.join("maps");
     let links_dir = bpf_root.join("links");
     for d in [&maps_dir, &links_dir] {
@@ -67,8 +68,9 @@ pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> 
         let pin = links_dir.join(name);
         let old = PinnedLink::from_pin(&pin).ok();
         let id = prog
-            .attach(&cg, CgroupAttachMode::AllowMultiple)
-            .map_err(|e| Error::Bpf(format!("attach {name} to {}: {e}", cgroup.display())))?;
+            // bpf_link attachments coexist by design; the kernel wants no mode flags for them.
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|e| Error::Bpf(format!("attach {name} to {}: {e:?}", cgroup.display())))?;
         let link: FdLink = prog
             .take_link(id)
             .map_err(|e| Error::Bpf(format!("take link {name}: {e}")))?
@@ -96,6 +98,61 @@ pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> 
         take("WEIR_RR")?,
         take("WEIR_COUNTERS")?,
     )
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// Makes sure `bpf_root` will be on a bpffs: mounts one at /sys/fs/bpf if nothing is mounted
+/// there yet (as Cilium does), and refuses any other location that is not bpffs.
+fn ensure_bpffs(bpf_root: &Path) -> Result<(), Error> {
+    let existing = bpf_root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if fs_magic(existing)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    if existing != Path::new(BPFFS_MOUNT) {
+        return Err(Error::Config {
+            field: "--bpf-root",
+            reason: format!("{} is not on a bpffs", bpf_root.display()),
+        });
+    }
+    // SAFETY: constant NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("mount bpffs at {BPFFS_MOUNT}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+fn fs_magic(path: &Path) -> Result<i64, Error> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Config {
+        field: "--bpf-root",
+        reason: "contains a NUL byte".into(),
+    })?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(
+            format!("statfs {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(st.f_type as i64)
 }
 
 /// Detaches weir's programs from every cgroup and removes its pinned maps: the counterpart of
@@ -189,7 +246,7 @@ impl LbMaps {
             for (id, t) in &plan.put_maglev {
                 table.slots[..t.len()].copy_from_slice(t);
                 self.maglev
-                    .insert(id, &*table, 0)
+                    .insert(id, table.as_ref(), 0)
                     .map_err(w("update WEIR_MAGLEV"))?;
             }
         }

@@ -295,7 +295,7 @@ mod tests {
                     service_id: 1,
                     slot: 1
                 },
-                backend_value(&"10.244.0.3:8080".parse().unwrap())
+                backend_value(&SocketAddrV4::new([10, 244, 0, 3].into(), 8080))
             )]
         );
         assert_eq!(
