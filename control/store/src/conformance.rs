@@ -448,8 +448,8 @@ async fn prefix_isolation(store: Arc<dyn Store>) {
     assert_eq!(keys(&all.items), ["/a", "/a/x", "/a/z", "/ab/y"]);
 }
 
-/// Objects up to etcd's default 1.5 MiB request limit, and a list larger than gRPC's
-/// default 4 MiB message limit.
+/// Objects up to etcd's default 1.5 MiB request limit, a list larger than gRPC's default
+/// 4 MiB message limit, and a clear error (nothing stored) over the limit.
 async fn large_values(store: Arc<dyn Store>) {
     let value = vec![b'v'; 1024 * 1024];
     for i in 0..5 {
@@ -464,6 +464,21 @@ async fn large_values(store: Arc<dyn Store>) {
         .expect("list 5 MiB");
     assert_eq!(list.items.len(), 5);
     assert!(list.items.iter().all(|kv| kv.value == value));
+
+    let huge = vec![b'v'; 2 * 1024 * 1024];
+    match store.create("/big/huge", huge.clone()).await {
+        Err(Error::ValueTooLarge { key, size, .. }) => {
+            assert_eq!((key.as_str(), size), ("/big/huge", huge.len()));
+        }
+        other => panic!("create of a 2 MiB value: {other:?}"),
+    }
+    let kv = store.get("/big/0").await.expect("get").expect("exists");
+    match store.update("/big/0", huge, kv.mod_revision).await {
+        Err(Error::ValueTooLarge { .. }) => {}
+        other => panic!("update to a 2 MiB value: {other:?}"),
+    }
+    assert_eq!(store.get("/big/0").await.expect("get"), Some(kv));
+    assert_eq!(store.get("/big/huge").await.expect("get"), None);
 }
 
 const WRITERS: usize = 16;

@@ -27,7 +27,9 @@ use std::thread::JoinHandle;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::{Error, Event, KeyValue, ListOptions, ListResult, Result, Store, WatchStream};
+use crate::{
+    Error, Event, KeyValue, ListOptions, ListResult, MAX_VALUE_BYTES, Result, Store, WatchStream,
+};
 
 /// Live keys: key → (create_revision, mod_revision, value).
 const KV: TableDefinition<'static, &str, (i64, i64, &[u8])> = TableDefinition::new("kv");
@@ -159,6 +161,15 @@ impl EmbeddedStore {
     }
 
     async fn write(&self, op: Op) -> Result<Option<Event>> {
+        if let Op::Create { key, value } | Op::Update { key, value, .. } = &op
+            && value.len() > MAX_VALUE_BYTES
+        {
+            return Err(Error::ValueTooLarge {
+                key: key.clone(),
+                size: value.len(),
+                limit: MAX_VALUE_BYTES,
+            });
+        }
         let (reply, rx) = oneshot::channel();
         let closed = || Error::Unavailable("embedded store is shutting down".into());
         let requests = self.requests.as_ref().ok_or_else(closed)?;

@@ -47,21 +47,17 @@ impl EtcdStore {
             // Keep-alive notices a silently dead connection, so a watch on it is re-created.
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
-        let client = bounded(Client::connect(endpoints, Some(options)))
-            .await
-            .map_err(|e| match e {
-                Error::Unavailable(msg) => {
-                    Error::Unavailable(format!("etcd at {}: {msg}", endpoints.join(",")))
-                }
-                other => other,
-            })?;
-        let store = Self { client };
-        store.current_revision().await.map_err(|e| match e {
+        let at = |e| match e {
             Error::Unavailable(msg) => {
                 Error::Unavailable(format!("etcd at {}: {msg}", endpoints.join(",")))
             }
             other => other,
-        })?;
+        };
+        let client = bounded(Client::connect(endpoints, Some(options)))
+            .await
+            .map_err(at)?;
+        let store = Self { client };
+        store.current_revision().await.map_err(at)?;
         Ok(store)
     }
 
@@ -71,9 +67,26 @@ impl EtcdStore {
             .max_decoding_message_size(MAX_MESSAGE)
     }
 
-    async fn txn(&self, txn: Txn) -> Result<TxnResponse> {
+    /// Runs a write transaction of `value` to `key`.
+    async fn txn(&self, txn: Txn, key: &str, value_len: usize) -> Result<TxnResponse> {
         let mut kv = self.kv();
-        bounded(kv.txn(txn)).await
+        match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            // etcd refuses over `--max-request-bytes`; gRPC itself a little above that.
+            Ok(Err(e))
+                if ["request is too large", "received message larger than max"]
+                    .iter()
+                    .any(|m| e.to_string().contains(m)) =>
+            {
+                Err(Error::ValueTooLarge {
+                    key: key.into(),
+                    size: value_len,
+                    limit: crate::MAX_VALUE_BYTES,
+                })
+            }
+            Ok(Err(e)) => Err(map_err(e)),
+            Err(_) => Err(timeout_error()),
+        }
     }
 
     /// etcd reports compaction on a range without saying up to where; a watch from
@@ -402,10 +415,11 @@ impl Store for EtcdStore {
     }
 
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue> {
+        let len = value.len();
         let txn = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, value.clone(), None)]);
-        let resp = self.txn(txn).await?;
+        let resp = self.txn(txn, key, len).await?;
         if !resp.succeeded() {
             return Err(Error::AlreadyExists { key: key.into() });
         }
@@ -419,6 +433,7 @@ impl Store for EtcdStore {
     }
 
     async fn update(&self, key: &str, value: Vec<u8>, expected_revision: i64) -> Result<KeyValue> {
+        let len = value.len();
         // Without the create_revision check, expected 0 would match an absent key and create it.
         let txn = Txn::new()
             .when([
@@ -431,7 +446,7 @@ impl Store for EtcdStore {
                 Some(PutOptions::new().with_prev_key()),
             )])
             .or_else([TxnOp::get(key, None)]);
-        let resp = self.txn(txn).await?;
+        let resp = self.txn(txn, key, len).await?;
         if !resp.succeeded() {
             return Err(cas_error(key, expected_revision, failed_get(&resp)?));
         }
@@ -464,7 +479,7 @@ impl Store for EtcdStore {
                 .or_else([TxnOp::get(key, None)]),
             None => Txn::new().and_then([delete]),
         };
-        let resp = self.txn(txn).await?;
+        let resp = self.txn(txn, key, 0).await?;
         if !resp.succeeded() {
             let expected = expected_revision.unwrap_or_default();
             return Err(cas_error(key, expected, failed_get(&resp)?));

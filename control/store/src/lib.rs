@@ -113,6 +113,14 @@ pub enum Error {
     /// The requested revision is in the future.
     #[error("revision {requested} is newer than the current revision {current}")]
     FutureRevision { requested: i64, current: i64 },
+    /// The value is larger than the store accepts ([`MAX_VALUE_BYTES`] by default; etcd's
+    /// own `--max-request-bytes`). The API server answers 413.
+    #[error("value of {key} is {size} bytes, over the store's limit of {limit} bytes")]
+    ValueTooLarge {
+        key: String,
+        size: usize,
+        limit: usize,
+    },
     /// The backend cannot be reached now; the request may succeed later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -121,6 +129,10 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Largest value the embedded store accepts: etcd's default `--max-request-bytes`
+/// (1.5 MiB), so an object fits both backends or neither.
+pub const MAX_VALUE_BYTES: usize = 1536 * 1024;
 
 /// The key-value API that the API server needs. Both backends implement exactly these
 /// semantics; see the conformance suite.
