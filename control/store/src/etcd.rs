@@ -61,6 +61,32 @@ impl EtcdStore {
         Ok(store)
     }
 
+    /// Compacts etcd's history the way kube-apiserver does (`--etcd-compaction-interval`,
+    /// 5 minutes there): every `interval`, drop the revisions older than the one seen an
+    /// interval ago, so history stays bounded yet a watcher or paged list has at least one
+    /// interval of slack. Stops when the returned handle is aborted or dropped with the
+    /// runtime; errors (etcd down, already compacted by another server) are logged and the
+    /// next tick tries again.
+    pub fn spawn_compactor(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seen = None;
+            loop {
+                ticks.tick().await;
+                if let Some(revision) = seen {
+                    match store.compact(revision).await {
+                        Ok(()) => tracing::debug!(revision, "compacted etcd history"),
+                        Err(Error::Compacted { .. }) => {}
+                        Err(e) => tracing::warn!(revision, error = %e, "etcd compaction failed"),
+                    }
+                }
+                seen = store.current_revision().await.ok();
+            }
+        })
+    }
+
     fn kv(&self) -> KvClient {
         self.client
             .kv_client()

@@ -185,3 +185,39 @@ async fn hung_etcd_times_out_and_recovers() {
     assert_eq!(events[0].revision(), created.mod_revision);
     assert_eq!(events[1].revision(), b.mod_revision);
 }
+
+#[tokio::test]
+async fn compactor_bounds_history() {
+    let etcd = EtcdProcess::start().await.expect("start etcd");
+    let store = EtcdStore::connect(&[etcd.client_url()])
+        .await
+        .expect("connect");
+    let first = store.create("/c/a", b"1".to_vec()).await.expect("create");
+    let compactor = store.spawn_compactor(Duration::from_millis(100));
+    let old = ListOptions {
+        revision: first.mod_revision,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut kv = first.clone();
+    loop {
+        kv = store
+            .update("/c/a", b"n".to_vec(), kv.mod_revision)
+            .await
+            .expect("update");
+        match store.list("/c/", old.clone()).await {
+            Err(Error::Compacted { .. }) => break,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("list at the first revision: {other:?}"),
+        }
+    }
+    compactor.abort();
+    // The latest state is never compacted away.
+    let now = store
+        .list("/c/", ListOptions::default())
+        .await
+        .expect("list latest");
+    assert_eq!(now.items, [kv]);
+}
