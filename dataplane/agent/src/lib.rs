@@ -2,9 +2,12 @@
 //! integration (node registration, heartbeat, pod status) of one node.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod agent;
 pub mod cgroup;
 pub mod env;
 pub mod network;
+pub mod pod;
+pub mod probe;
 pub mod runtime;
 
 #[cfg(test)]
