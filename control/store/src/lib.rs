@@ -5,6 +5,9 @@
 //! Keys are opaque strings; the API server uses `/registry/<group>/<resource>/<ns>/<name>`.
 //! Every write bumps one store-wide revision; a key's `mod_revision` is the API object's
 //! `resourceVersion`.
+//!
+//! [`open`] turns a command-line [`StoreSpec`] into a running store; `etcd_harness` runs a
+//! real etcd server for tests (this crate's and the API server's).
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -179,10 +182,47 @@ pub enum StoreSpec {
     Etcd(Vec<String>),
 }
 
-/// Opens the store `spec` names. An unreachable etcd is [`Error::Unavailable`].
+/// How often [`open`] compacts an etcd store: kube-apiserver's default.
+pub const ETCD_COMPACTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Opens the store `spec` names, with bounded history: the embedded store compacts itself,
+/// and for etcd this starts [`EtcdStore::spawn_compactor`] every
+/// [`ETCD_COMPACTION_INTERVAL`] on the current tokio runtime. An unreachable etcd is
+/// [`Error::Unavailable`].
 pub async fn open(spec: &StoreSpec) -> Result<Arc<dyn Store>> {
     Ok(match spec {
         StoreSpec::Embedded(path) => Arc::new(EmbeddedStore::open(path)?),
-        StoreSpec::Etcd(endpoints) => Arc::new(EtcdStore::connect(endpoints).await?),
+        StoreSpec::Etcd(endpoints) => {
+            let store = EtcdStore::connect(endpoints).await?;
+            store.spawn_compactor(ETCD_COMPACTION_INTERVAL);
+            Arc::new(store)
+        }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn open_from_a_spec() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let spec = StoreSpec::Embedded(dir.path().join("state/store.redb"));
+        let store = open(&spec).await.expect("open embedded");
+        store.create("/k", b"v".to_vec()).await.expect("create");
+        drop(store);
+        let store = open(&spec).await.expect("reopen embedded");
+        assert!(store.get("/k").await.expect("get").is_some());
+
+        let etcd = EtcdProcess::start().await.expect("start etcd");
+        let store = open(&StoreSpec::Etcd(vec![etcd.client_url()]))
+            .await
+            .expect("open etcd");
+        store.create("/k", b"v".to_vec()).await.expect("create");
+
+        match open(&StoreSpec::Etcd(Vec::new())).await {
+            Err(Error::Unavailable(_)) => {}
+            other => panic!("etcd without endpoints: {:?}", other.map(|_| ())),
+        }
+    }
 }
