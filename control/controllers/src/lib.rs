@@ -1,1 +1,8 @@
-//! weir's controllers.
+//! weir's controllers: level-triggered kube-rs reconcilers that drive actual state towards
+//! what users declared — EndpointSlices for Services (what the load balancer, DNS and ingress
+//! read), ReplicaSets, Deployments, node lifecycle and garbage collection. Each keeps its
+//! decision logic in pure functions over API objects, unit-tested without an API server.
+
+pub mod endpointslice;
+pub mod runtime;
+pub mod util;
