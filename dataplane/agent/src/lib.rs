@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod env;
+pub mod logs;
 pub mod network;
 pub mod pod;
 pub mod probe;
