@@ -87,6 +87,17 @@ fn items_mut<'a>(obj: &'a mut Value, key: &str) -> impl Iterator<Item = &'a mut 
 }
 
 fn template(spec: &mut Value) {
+    // kube-apiserver serialises the template's zero creationTimestamp as `null`; kubectl's
+    // apply patches compare against it, and without it every re-apply of a manifest
+    // carrying `creationTimestamp: null` (as kubectl-generated ones do) is "configured".
+    if let Some(Value::Object(template)) = spec.get_mut("template") {
+        let meta = template
+            .entry("metadata")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Some(meta) = meta.as_object_mut() {
+            meta.entry("creationTimestamp").or_insert(Value::Null);
+        }
+    }
     if let Some(pod) = spec.pointer_mut("/template/spec") {
         pod_spec(pod);
     }
@@ -281,6 +292,10 @@ mod tests {
         assert_eq!(
             spec["strategy"],
             json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
+        );
+        assert_eq!(
+            spec["template"]["metadata"],
+            json!({"creationTimestamp": null})
         );
         let pod = &spec["template"]["spec"];
         assert_eq!(pod["restartPolicy"], "Always");
