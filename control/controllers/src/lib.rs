@@ -4,5 +4,6 @@
 //! decision logic in pure functions over API objects, unit-tested without an API server.
 
 pub mod endpointslice;
+pub mod replicaset;
 pub mod runtime;
 pub mod util;
