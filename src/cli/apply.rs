@@ -13,6 +13,10 @@ use super::{Ctx, Target, is_not_found, kind_group, manifest, report, url};
 
 pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
+/// kubectl's default since 1.27: the server rejects fields the type does not declare
+/// instead of dropping them silently, and records the writer like kubectl does.
+const STRICT: &str = "fieldManager=kubectl-client-side-apply&fieldValidation=Strict";
+
 #[derive(clap::Args, Debug)]
 pub struct ApplyArgs {
     #[command(flatten)]
@@ -58,7 +62,7 @@ async fn apply_one(ctx: &Ctx, m: &manifest::Manifest) -> Result<String, Failure>
     let label = format!("{}/{name}", kind_group(res));
     match ctx.get(&object_url).await {
         Err(e) if is_not_found(&e) => {
-            let collection = url(res, Some(&ns), None, None);
+            let collection = format!("{}?{STRICT}", url(res, Some(&ns), None, None));
             let body = (&modified, "application/json");
             ctx.request(Method::POST, &collection, Some(body), "application/json")
                 .await?;
@@ -87,7 +91,8 @@ async fn apply_one(ctx: &Ctx, m: &manifest::Manifest) -> Result<String, Failure>
             }
             let patch = Value::Object(patch);
             let body = (&patch, "application/merge-patch+json");
-            ctx.request(Method::PATCH, &object_url, Some(body), "application/json")
+            let patch_url = format!("{object_url}?{STRICT}");
+            ctx.request(Method::PATCH, &patch_url, Some(body), "application/json")
                 .await?;
             Ok(format!("{label} configured"))
         }

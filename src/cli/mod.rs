@@ -228,9 +228,43 @@ fn resource_and_name(args: &[String]) -> anyhow::Result<(&'static Resource, Stri
     }
 }
 
-/// Prints an API error like kubectl: `Error from server (NotFound): pods "x" not found`.
+/// Prints an API error like kubectl: `Error from server (NotFound): pods "x" not found`,
+/// and validation errors as `The Service "x" is invalid: <field>: <problem>` (one bullet per
+/// cause when there are several).
 fn report(err: &kube::Error) {
     match err {
+        kube::Error::Api(status)
+            if status.reason == "Invalid"
+                && status
+                    .details
+                    .as_ref()
+                    .is_some_and(|d| !d.causes.is_empty()) =>
+        {
+            let details = status
+                .details
+                .as_ref()
+                .map(|d| (d.kind.as_str(), d.name.as_str(), &d.causes));
+            if let Some((kind, name, causes)) = details {
+                let lines: Vec<String> = causes
+                    .iter()
+                    .map(|c| {
+                        if c.field.is_empty() {
+                            c.message.clone()
+                        } else {
+                            format!("{}: {}", c.field, c.message)
+                        }
+                    })
+                    .collect();
+                if let [one] = lines.as_slice() {
+                    eprintln!("The {kind} {name:?} is invalid: {one}");
+                } else {
+                    eprintln!("The {kind} {name:?} is invalid: ");
+                    for line in lines {
+                        eprintln!("* {line}");
+                    }
+                }
+            }
+        }
         kube::Error::Api(status) => {
             let reason = if status.reason.is_empty() {
                 "Unknown"
