@@ -14,6 +14,7 @@ pub mod handler;
 pub mod metrics;
 pub mod records;
 pub mod server;
+pub mod udp;
 pub mod watch;
 pub mod wire;
 pub mod zone;
@@ -23,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+pub use tokio_util::sync::CancellationToken;
 
 use crate::forward::Forwarder;
 use crate::handler::Handler;

@@ -145,11 +145,10 @@ impl Server {
         rt: tokio::runtime::Handle,
         shutdown: CancellationToken,
     ) {
-        let mut buf = [0u8; 4096];
-        let mut out = Vec::with_capacity(u16::MAX as usize);
+        let mut batch = crate::udp::Batch::default();
         while !shutdown.is_cancelled() {
-            let (n, peer) = match sock.recv_from(&mut buf) {
-                Ok(r) => r,
+            let n = match batch.recv(&sock) {
+                Ok(n) => n,
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -165,34 +164,46 @@ impl Server {
                     continue;
                 }
             };
-            let msg = &buf[..n];
-            match self.handler.handle(
-                msg,
-                peer.ip(),
-                Transport::Udp,
-                &mut out,
-                &self.metrics,
-                worker,
-            ) {
-                Action::Reply(_) => {
-                    let _ = sock.send_to(&out, peer);
-                }
-                Action::Drop => {}
-                Action::Forward(fwd) => {
-                    let Some(permit) = self.admit(peer.ip()) else {
-                        self.metrics.dropped(worker);
-                        continue;
-                    };
-                    let (server, sock, msg) = (self.clone(), sock.clone(), msg.to_vec());
-                    rt.spawn(async move {
-                        let _permit = permit;
-                        if let Some(resp) = server.answer_async(&msg, fwd, Transport::Udp).await {
-                            let _ = sock.send_to(&resp, peer);
-                        }
-                    });
-                }
+            if n == 0 {
+                continue;
             }
+            batch.process(|msg, peer, out| {
+                let action =
+                    self.handler
+                        .handle(msg, peer.ip(), Transport::Udp, out, &self.metrics, worker);
+                match action {
+                    Action::Reply(_) => true,
+                    Action::Drop => false,
+                    Action::Forward(fwd) => {
+                        self.spawn_forward(&rt, &sock, msg, peer, fwd, worker);
+                        false
+                    }
+                }
+            });
+            batch.send(&sock);
         }
+    }
+
+    fn spawn_forward(
+        self: &Arc<Self>,
+        rt: &tokio::runtime::Handle,
+        sock: &Arc<UdpSocket>,
+        msg: &[u8],
+        peer: SocketAddr,
+        fwd: Forward,
+        worker: usize,
+    ) {
+        let Some(permit) = self.admit(peer.ip()) else {
+            self.metrics.dropped(worker);
+            return;
+        };
+        let (server, sock, msg) = (self.clone(), sock.clone(), msg.to_vec());
+        rt.spawn(async move {
+            let _permit = permit;
+            if let Some(resp) = server.answer_async(&msg, fwd, Transport::Udp).await {
+                let _ = sock.send_to(&resp, peer);
+            }
+        });
     }
 
     fn admit(self: &Arc<Self>, client: IpAddr) -> Option<ForwardPermit> {
