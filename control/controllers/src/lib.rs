@@ -3,6 +3,7 @@
 //! read), ReplicaSets, Deployments, node lifecycle and garbage collection. Each keeps its
 //! decision logic in pure functions over API objects, unit-tested without an API server.
 
+pub mod deployment;
 pub mod endpointslice;
 pub mod replicaset;
 pub mod runtime;
