@@ -452,6 +452,39 @@ mod tests {
     }
 
     #[test]
+    fn patch_captured_from_kubectl_apply() {
+        // Sent by kubectl v1.33 (`apply -v=9`) after the manifest dropped container `b`, env
+        // `B`, port 81 and the volumes, switched to Recreate and added a label (the
+        // last-applied annotation value is shortened here).
+        let live = json!({"metadata": {"name": "p", "labels": {"app": "p"}},
+            "spec": {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}},
+                     "template": {"spec": {
+                        "containers": [
+                            {"name": "a", "image": "x:1", "imagePullPolicy": "IfNotPresent",
+                             "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                             "ports": [{"containerPort": 80, "protocol": "TCP"}, {"containerPort": 81, "protocol": "TCP"}]},
+                            {"name": "b", "image": "y:1"}],
+                        "volumes": [{"name": "v", "emptyDir": {}}]}}}});
+        let patch = json!({"metadata":{"annotations":{"kubectl.kubernetes.io/last-applied-configuration":"{...}\n"},"labels":{"tier":"t"}},
+            "spec":{"strategy":{"$retainKeys":["type"],"type":"Recreate"},"template":{"spec":{
+                "$setElementOrder/containers":[{"name":"a"}],
+                "containers":[{"$setElementOrder/env":[{"name":"A"}],"$setElementOrder/ports":[{"containerPort":80}],
+                               "env":[{"$patch":"delete","name":"B"}],"image":"x:2","name":"a",
+                               "ports":[{"$patch":"delete","containerPort":81}]},
+                              {"$patch":"delete","name":"b"}],
+                "volumes":null}}}});
+        let out = smp("deploy", live, patch);
+        assert_eq!(out["metadata"]["labels"], json!({"app": "p", "tier": "t"}));
+        assert_eq!(out["spec"]["strategy"], json!({"type": "Recreate"}));
+        assert_eq!(
+            out["spec"]["template"]["spec"],
+            json!({"containers": [{"name": "a", "image": "x:2", "imagePullPolicy": "IfNotPresent",
+                                   "env": [{"name": "A", "value": "1"}],
+                                   "ports": [{"containerPort": 80, "protocol": "TCP"}]}]})
+        );
+    }
+
+    #[test]
     fn conditions_merge_by_type() {
         let current = json!({"status": {"conditions": [
             {"type": "Ready", "status": "False"}, {"type": "PodScheduled", "status": "True"}]}});
