@@ -17,7 +17,7 @@ pub mod watch;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
-use tokio_util::sync::CancellationToken;
+pub use tokio_util::sync::CancellationToken;
 pub use weir_lb_common::Counters;
 
 pub use maps::{LbMaps, load_and_attach, unpin_all};

@@ -250,9 +250,6 @@ impl LbMaps {
                     .map_err(w("update WEIR_MAGLEV"))?;
             }
         }
-        for id in &plan.fresh_ids {
-            self.reset_id(*id)?;
-        }
         for (k, v) in &plan.put_services {
             self.services
                 .insert(k, v, 0)
@@ -272,6 +269,9 @@ impl LbMaps {
             self.maglev
                 .remove(id)
                 .map_err(w("delete from WEIR_MAGLEV"))?;
+        }
+        for id in &plan.freed_ids {
+            self.reset_id(*id)?;
         }
         Ok(())
     }

@@ -43,6 +43,22 @@ pub fn ip(ns: Option<&str>, args: &[&str]) -> io::Result<()> {
     }
 }
 
+/// Sets sysctl `key` inside network namespace `ns`.
+pub fn sysctl(ns: &str, key: &str, value: &str) -> io::Result<()> {
+    let kv = format!("{key}={value}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw", &kv])
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "sysctl {kv} in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
 /// Runs `f` on a new thread that has entered network namespace `ns`; sockets it opens live there.
 pub fn in_netns<T: Send + 'static>(
     ns: &str,
@@ -105,24 +121,7 @@ impl Lab {
 
     /// Sets a sysctl inside the node namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.host,
-                "sysctl",
-                "-qw",
-                &format!("{key}={value}"),
-            ])
-            .output()?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!(
-                "sysctl {key}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
+        sysctl(&self.host, key, value)
     }
 
     /// Adds pod number `n` (1..=240) at 10.244.0.(10+n).
@@ -199,13 +198,19 @@ impl TestCgroup {
             std::process::id().to_string(),
         )
     }
+
+    /// Moves this process back to where [`TestCgroup::enter`] found it.
+    pub fn leave(&mut self) -> io::Result<()> {
+        match self.home.take() {
+            Some(home) => std::fs::write(home.join("cgroup.procs"), std::process::id().to_string()),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        if let Some(home) = &self.home {
-            let _ = std::fs::write(home.join("cgroup.procs"), std::process::id().to_string());
-        }
+        let _ = self.leave();
         let _ = std::fs::remove_dir(&self.path);
     }
 }

@@ -30,8 +30,9 @@ pub struct Plan {
     pub del_services: Vec<ServiceKey>,
     pub del_backends: Vec<BackendKey>,
     pub del_maglev: Vec<u32>,
-    /// Service ids whose per-id state (counters, round-robin position) must restart at zero.
-    pub fresh_ids: Vec<u32>,
+    /// Ids of deleted frontends: their per-id state (counters, round-robin position) is zeroed
+    /// on the way out, so an id handed out again starts clean without a write at creation.
+    pub freed_ids: Vec<u32>,
 }
 
 impl Plan {
@@ -101,7 +102,6 @@ pub fn plan(state: &MapState, desired: &Desired, mcfg: MaglevConfig) -> Plan {
                     next_id += 1;
                 }
                 used.insert(next_id);
-                p.fresh_ids.push(next_id);
                 (next_id, &empty)
             }
         };
@@ -170,6 +170,7 @@ pub fn plan(state: &MapState, desired: &Desired, mcfg: MaglevConfig) -> Plan {
             continue;
         }
         p.del_services.push(*key);
+        p.freed_ids.push(v.id);
         for &slot in state
             .backends
             .get(&v.id)
@@ -275,7 +276,9 @@ mod tests {
         }
         let p = step(&mut st, &d);
         assert_eq!((p.put_services.len(), p.put_backends.len()), (3, 9));
-        assert_eq!(p.fresh_ids, vec![1, 2, 3]);
+        let mut ids: Vec<_> = p.put_services.iter().map(|(_, v)| v.id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2, 3]);
 
         // Scale 3 → 1 on one frontend: its count shrinks and two slots go, nothing else.
         d.insert(fe(2), want(&[3], Algorithm::Random));
@@ -311,9 +314,10 @@ mod tests {
         let p = step(&mut st, &d);
         assert_eq!(p.del_services.len(), 1);
         assert_eq!(p.del_backends.len(), 3);
+        assert_eq!(p.freed_ids, vec![3]);
         d.insert(fe(9), want(&[], Algorithm::Random));
         let p = step(&mut st, &d);
-        assert_eq!(p.fresh_ids, vec![3]);
+        assert_eq!(p.put_services[0].1.id, 3);
         assert_eq!(
             p.put_services[0].1.count, 0,
             "no endpoints: count 0 makes BPF refuse"

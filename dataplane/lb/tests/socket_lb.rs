@@ -65,14 +65,15 @@ fn serve(pod: &Pod, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Fields drop in order: the process leaves the cgroup before the lock lets the next test in.
 struct Env {
-    _guard: std::sync::MutexGuard<'static, ()>,
     syncer: Option<Syncer>,
     bpf: TestBpfRoot,
     backends: Vec<Pod>,
     client: Pod,
     lab: Lab,
     cg: TestCgroup,
+    _guard: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Env {
@@ -157,10 +158,9 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        // Maps and links go with the bpffs directory; drop order then removes netns and cgroup.
+        // Maps and links go with the bpffs directory; field drops then remove netns and cgroup.
         self.syncer = None;
         let _ = weir_lb::unpin_all(&self.bpf.0);
-        let _ = (&self.lab, &self.cg);
     }
 }
 
