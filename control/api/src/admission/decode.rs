@@ -52,6 +52,7 @@ pub fn decode_value(res: &Resource, mut value: Value, strict: bool) -> Result<Va
     };
     check_type_meta(res, obj)?;
     drop_nulls(&mut value);
+    quantities_as_strings(&mut value, false);
     let name = value
         .pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -130,6 +131,32 @@ fn drop_nulls(v: &mut Value) {
             map.values_mut().for_each(drop_nulls);
         }
         Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
+/// Maps whose values are resource quantities, and single quantity fields.
+const QUANTITY_MAPS: &[&str] = &["limits", "requests", "capacity", "allocatable", "overhead"];
+const QUANTITY_FIELDS: &[&str] = &["sizeLimit"];
+
+/// Kubernetes accepts quantities as JSON numbers (`cpu: 1`, `memory: 134217728`); the
+/// k8s-openapi `Quantity` type is a string, so numbers there become their decimal text.
+fn quantities_as_strings(v: &mut Value, in_quantity_map: bool) {
+    match v {
+        Value::Number(n) if in_quantity_map => *v = Value::String(n.to_string()),
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                let quantity = QUANTITY_MAPS.contains(&k.as_str());
+                if QUANTITY_FIELDS.contains(&k.as_str()) && child.is_number() {
+                    *child = Value::String(child.to_string());
+                } else {
+                    quantities_as_strings(child, quantity && child.is_object());
+                }
+            }
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|i| quantities_as_strings(i, false)),
         _ => {}
     }
 }
@@ -305,6 +332,19 @@ mod tests {
         assert!(obj["spec"].get("foo").is_none());
         assert!(obj["metadata"].get("bogus").is_none());
         assert_eq!(obj["spec"]["ports"][0], json!({"port": 80}));
+    }
+
+    #[test]
+    fn numeric_quantities_are_accepted() {
+        let deploy = find_by_name("deploy").expect("deploy");
+        let body = b"spec:\n  template:\n    spec:\n      containers:\n      - name: a\n        image: x\n        resources:\n          limits: {cpu: 0.5, memory: 134217728}\n          requests: {cpu: 1}\n      volumes:\n      - name: v\n        emptyDir: {sizeLimit: 1024}\n";
+        let obj = decode(deploy, body, "application/yaml", true).expect("numbers are quantities");
+        let pod = &obj["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["containers"][0]["resources"],
+            json!({"limits": {"cpu": "0.5", "memory": "134217728"}, "requests": {"cpu": "1"}})
+        );
+        assert_eq!(pod["volumes"][0]["emptyDir"]["sizeLimit"], "1024");
     }
 
     #[test]
