@@ -71,7 +71,8 @@ struct Env {
     bpf: TestBpfRoot,
     backends: Vec<Pod>,
     client: Pod,
-    lab: Lab,
+    // Held for its Drop: the namespaces live as long as the test.
+    _lab: Lab,
     cg: TestCgroup,
     _guard: std::sync::MutexGuard<'static, ()>,
 }
