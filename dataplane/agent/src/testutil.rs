@@ -53,12 +53,14 @@ pub fn run_in(netns: &str, argv: &[&str]) -> bool {
 /// The agent's cgroup subtree for one test (`weir-test/<unique>`), killed and removed on drop.
 pub struct CgroupGuard {
     pub cgroups: Cgroups,
+    pub subtree: String,
 }
 
 impl CgroupGuard {
     pub fn new() -> Self {
-        let cgroups = Cgroups::detect(&format!("weir-test/{}", unique("cg"))).unwrap();
-        Self { cgroups }
+        let subtree = format!("weir-test/{}", unique("cg"));
+        let cgroups = Cgroups::detect(&subtree).unwrap();
+        Self { cgroups, subtree }
     }
 }
 
