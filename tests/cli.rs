@@ -212,6 +212,12 @@ fn apply_get_scale_describe_delete_against_a_real_server() {
         "{wide}"
     );
 
+    let many = ok(server.weir(&["get", "deploy,svc", "-n", "shop"]));
+    assert!(
+        many.contains("\ndeployment.apps/web ") && many.contains("\nservice/web "),
+        "{many}"
+    );
+
     // scale goes through the scale subresource; -o json shows the stored object.
     assert_eq!(
         ok(server.weir(&["scale", "deployment/web", "--replicas", "4", "-n", "shop"])),

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use weir_api::registry;
+use weir_api::{Resource, registry};
 
 use super::{Ctx, TABLE_ACCEPT, Target, enc, kind_group, report, resource, url};
 
@@ -31,24 +31,25 @@ pub struct GetArgs {
 
 pub async fn get(ctx: &Ctx, args: GetArgs) -> anyhow::Result<usize> {
     if args.resource == "all" {
-        return get_all(ctx, &args).await;
+        let all = registry::all()
+            .iter()
+            .filter(|r| r.categories.contains(&"all"));
+        return get_many(ctx, &args, all.collect()).await;
+    }
+    if args.resource.contains(',') && args.name.is_none() {
+        let many = args
+            .resource
+            .split(',')
+            .map(resource)
+            .collect::<Result<_, _>>()?;
+        return get_many(ctx, &args, many).await;
     }
     let (res, name) = match (args.resource.split_once('/'), &args.name) {
         (Some((kind, name)), None) => (resource(kind)?, Some(name.to_string())),
         _ => (resource(&args.resource)?, args.name.clone()),
     };
     let namespace = (!args.all_namespaces || name.is_some()).then_some(ctx.namespace.as_str());
-    let mut u = url(res, namespace, name.as_deref(), None);
-    let mut query = Vec::new();
-    if let Some(sel) = &args.selector {
-        query.push(format!("labelSelector={}", enc(sel)));
-    }
-    if let Some(sel) = &args.field_selector {
-        query.push(format!("fieldSelector={}", enc(sel)));
-    }
-    if !query.is_empty() {
-        u = format!("{u}?{}", query.join("&"));
-    }
+    let u = url(res, namespace, name.as_deref(), None) + &query(&args);
     let output = args.output.as_deref();
     let table = !matches!(output, Some("yaml" | "json"));
     let accept = if table {
@@ -90,19 +91,36 @@ pub async fn get(ctx: &Ctx, args: GetArgs) -> anyhow::Result<usize> {
     Ok(0)
 }
 
-/// `get all`: one table per resource of the `all` category that has objects, names
-/// prefixed with the type (`deployment.apps/web`), as kubectl prints it.
-async fn get_all(ctx: &Ctx, args: &GetArgs) -> anyhow::Result<usize> {
+/// `?labelSelector=…&fieldSelector=…`, or nothing.
+fn query(args: &GetArgs) -> String {
+    let mut query = Vec::new();
+    if let Some(sel) = &args.selector {
+        query.push(format!("labelSelector={}", enc(sel)));
+    }
+    if let Some(sel) = &args.field_selector {
+        query.push(format!("fieldSelector={}", enc(sel)));
+    }
+    if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
+    }
+}
+
+/// `get all` and `get svc,deploy`: one table per type that has objects, names prefixed
+/// with the type (`deployment.apps/web`), as kubectl prints them.
+async fn get_many(
+    ctx: &Ctx,
+    args: &GetArgs,
+    resources: Vec<&'static Resource>,
+) -> anyhow::Result<usize> {
+    if matches!(args.output.as_deref(), Some("yaml" | "json")) {
+        anyhow::bail!("-o yaml|json needs a single resource type");
+    }
     let namespace = (!args.all_namespaces).then_some(ctx.namespace.as_str());
     let mut tables = Vec::new();
-    for res in registry::all()
-        .iter()
-        .filter(|r| r.categories.contains(&"all"))
-    {
-        let mut u = url(res, namespace, None, None);
-        if let Some(sel) = &args.selector {
-            u = format!("{u}?labelSelector={}", enc(sel));
-        }
+    for res in resources {
+        let u = url(res, namespace, None, None) + &query(args);
         let mut table = match ctx.request(http::Method::GET, &u, None, TABLE_ACCEPT).await {
             Ok(t) => t,
             Err(e) => {
