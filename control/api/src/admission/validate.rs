@@ -220,11 +220,10 @@ fn pod_spec(spec: &Value, path: &str, template: bool, errs: &mut Vec<Cause>) {
         .filter_map(|v| v.get("name").and_then(Value::as_str))
         .collect();
     let mut seen_names = BTreeSet::new();
-    let mut seen_ports = BTreeSet::new();
     for key in ["initContainers", "containers"] {
         for (i, c) in items(spec, key).iter().enumerate() {
             let cpath = format!("{path}.{key}[{i}]");
-            container(c, &cpath, &volumes, &mut seen_ports, errs);
+            container(c, &cpath, &volumes, errs);
             match c.get("name").and_then(Value::as_str) {
                 Some(name) if !seen_names.insert(name) => {
                     errs.push(Cause::duplicate(&format!("{cpath}.name"), &json!(name)));
@@ -281,13 +280,9 @@ fn pod_spec(spec: &Value, path: &str, template: bool, errs: &mut Vec<Cause>) {
     );
 }
 
-fn container<'a>(
-    c: &'a Value,
-    path: &str,
-    volumes: &BTreeSet<&str>,
-    seen_ports: &mut BTreeSet<&'a str>,
-    errs: &mut Vec<Cause>,
-) {
+/// One container; port names are unique within it (not across the pod), as in Kubernetes.
+fn container(c: &Value, path: &str, volumes: &BTreeSet<&str>, errs: &mut Vec<Cause>) {
+    let mut seen_ports = BTreeSet::new();
     match c.get("name").and_then(Value::as_str) {
         None | Some("") => errs.push(Cause::required(&format!("{path}.name"), "")),
         Some(name) => push_invalid(

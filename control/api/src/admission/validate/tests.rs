@@ -206,6 +206,14 @@ fn pods_need_named_unique_containers_with_images() {
     ] {
         assert!(p.contains(&want.to_string()), "missing {want:?} in {p:?}");
     }
+    let shared_port_names = json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"containers": [
+        {"name": "a", "image": "x", "ports": [{"name": "metrics", "containerPort": 9090}]},
+        {"name": "b", "image": "y", "ports": [{"name": "metrics", "containerPort": 9091},
+                                                {"name": "metrics", "containerPort": 9092}]}]}});
+    assert_eq!(
+        problems("pods", shared_port_names, None),
+        ["spec.containers[1].ports[1].name: Duplicate value: \"metrics\""]
+    );
     let empty = json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"containers": []}});
     assert_eq!(
         problems("pods", empty, None),
