@@ -412,11 +412,26 @@ impl PodNetwork {
         self.ipam.release(uid)
     }
 
+    /// Makes the whole cluster CIDR unreachable from the node, below the routes to this
+    /// node's bridge and to other nodes: a pod address no node owns gets an ICMP error
+    /// instead of leaving the host by its default route.
+    pub async fn guard(&self, cluster: Ipv4Cidr) -> Result<(), Error> {
+        let dst = cluster.to_string();
+        #[rustfmt::skip]
+        ip(self.node(), &["route", "replace", "unreachable", &dst, "proto", ROUTE_PROTO]).await?;
+        Ok(())
+    }
+
     /// Makes the node's routes to other nodes' pod CIDRs exactly `routes` (CIDR via node IP).
     pub async fn sync_routes(&self, routes: &[(Ipv4Cidr, Ipv4Addr)]) -> Result<(), Error> {
         let current = ip(self.node(), &["route", "show", "proto", ROUTE_PROTO]).await?;
         for line in current.lines() {
-            let Some(dst) = line.split_whitespace().next() else {
+            // The `unreachable` guard route is kept (see `guard`).
+            let Some(dst) = line
+                .split_whitespace()
+                .next()
+                .filter(|d| *d != "unreachable")
+            else {
                 continue;
             };
             if !routes.iter().any(|(cidr, _)| cidr.to_string() == dst) {

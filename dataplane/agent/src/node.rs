@@ -250,7 +250,13 @@ fn capacity() -> BTreeMap<String, Quantity> {
     ])
 }
 
-fn node_status(node_ip: Ipv4Addr, name: &str, advertise: &str, ready: bool) -> serde_json::Value {
+/// The Node's status; `ready_since` is when this agent turned the node Ready.
+fn node_status(
+    node_ip: Ipv4Addr,
+    name: &str,
+    advertise: &str,
+    ready_since: &Time,
+) -> serde_json::Value {
     let capacity = capacity();
     let now = Time(Timestamp::now());
     let port: u16 = advertise
@@ -273,11 +279,11 @@ fn node_status(node_ip: Ipv4Addr, name: &str, advertise: &str, ready: bool) -> s
         "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
         "conditions": [{
             "type": "Ready",
-            "status": if ready { "True" } else { "False" },
-            "reason": if ready { "KubeletReady" } else { "KubeletNotReady" },
-            "message": if ready { "weir agent is posting ready status" } else { "pod network is not ready" },
+            "status": "True",
+            "reason": "KubeletReady",
+            "message": "weir agent is posting ready status",
             "lastHeartbeatTime": now,
-            "lastTransitionTime": now,
+            "lastTransitionTime": ready_since,
         }],
         "nodeInfo": {
             "machineID": read_trim("/etc/machine-id"),
@@ -509,12 +515,14 @@ pub async fn run(
     let cidr = pod_cidr(&client, &node, args.cluster_cidr).await?;
     let network = PodNetwork::new(args.netns.clone(), cidr, args.state_dir.join("ipam"));
     network.ensure_bridge().await?;
+    network.guard(args.cluster_cidr).await?;
     let subtree = args
         .cgroup_subtree
         .clone()
         .unwrap_or_else(|| format!("weir/{name}"));
     let cgroups = Cgroups::detect(&subtree)?;
-    let status = node_status(node_ip, &name, &advertise, true);
+    let ready_since = Time(Timestamp::now());
+    let status = node_status(node_ip, &name, &advertise, &ready_since);
     nodes
         .patch_status(
             &name,
@@ -567,7 +575,7 @@ pub async fn run(
                 if let Err(e) = renew_lease(&leases, &name, lease_duration).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
-                let status = node_status(node_ip, &name, &advertise, true);
+                let status = node_status(node_ip, &name, &advertise, &ready_since);
                 let patch = json!({"status": {"conditions": status["conditions"]}});
                 if let Err(e) = nodes.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                     tracing::warn!(error = %e, "node status update failed");

@@ -121,6 +121,7 @@ async fn routes_to_other_nodes_are_synced_exactly() {
         ("10.244.2.0/24".parse().unwrap(), via),
         ("10.244.3.0/24".parse().unwrap(), via),
     ];
+    net.guard("10.244.0.0/16".parse().unwrap()).await.unwrap();
     net.sync_routes(&two).await.unwrap();
     net.sync_routes(&two[1..]).await.unwrap();
     let routes = ip(Some(&node.name), &["route", "show", "proto", ROUTE_PROTO])

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::api::core::v1::{ExecAction, HTTPGetAction, PodSpec, Probe, TCPSocketAction};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::*;
@@ -224,6 +226,13 @@ async fn pods_become_ready_behind_probes_reach_each_other_and_terminate() {
             }),
             ..probe(1, 3)
         });
+        c.resources = Some(ResourceRequirements {
+            limits: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("500m".into())),
+                ("memory".to_string(), Quantity("128Mi".into())),
+            ])),
+            ..Default::default()
+        });
         c.liveness_probe = Some(Probe {
             tcp_socket: Some(TCPSocketAction {
                 port: IntOrString::Int(8080),
@@ -247,6 +256,15 @@ async fn pods_become_ready_behind_probes_reach_each_other_and_terminate() {
         condition(&sa, "Initialized")
             && condition(&sa, "ContainersReady")
             && condition(&sa, "PodScheduled")
+    );
+    let cgroup = h
+        .agent
+        .runtime()
+        .cgroups
+        .pod(a.metadata.uid.as_deref().unwrap());
+    assert_eq!(
+        cgroup.effective_limits().unwrap(),
+        (Some(50_000), Some(128 << 20))
     );
     let web = status_of(&sa, "web");
     assert!(
