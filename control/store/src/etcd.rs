@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 
 use crate::{Error, Event, KeyValue, ListOptions, ListResult, Result, Store, WatchStream};
 
-/// Bound on every unary call and on creating a watch.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on every unary call and on creating a watch: long enough to ride out an fsync stall
+/// on a busy disk, short enough that a hung etcd becomes a 503 rather than a hang.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on establishing a connection to an endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Delay between attempts to re-create a broken watch, doubling up to the maximum.
