@@ -1,4 +1,7 @@
-//! Kubernetes API objects as weir serves them: the resource registry, defaulting, validation, patches, tables, discovery and OpenAPI documents.
+//! Kubernetes object semantics as weir serves them, as pure functions over JSON: the
+//! resource registry, `Status` errors, label and field selectors, decoding with type checks,
+//! defaulting, validation and patches. HTTP, storage, tables and discovery live in the API
+//! server.
 
 pub mod admission;
 pub mod names;
