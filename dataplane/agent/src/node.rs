@@ -567,11 +567,16 @@ pub async fn run(
     let mut all_nodes: HashMap<String, Node> = HashMap::new();
     let mut node_listing: Option<HashMap<String, Node>> = None;
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut publisher = Publisher {
+        client: client.clone(),
+        pending: HashMap::new(),
+    };
 
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = heartbeat.tick() => {
+                publisher.retry().await;
                 if let Err(e) = renew_lease(&leases, &name, lease_duration).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
@@ -609,7 +614,7 @@ pub async fn run(
                     tracing::warn!(error = %e, "cannot sync routes to other nodes");
                 }
             }
-            Some(update) = updates.recv() => publish(&client, update).await,
+            Some(update) = updates.recv() => publisher.publish(update).await,
         }
     }
     stop.cancel();
@@ -618,50 +623,75 @@ pub async fn run(
     Ok(())
 }
 
-/// Writes one worker update to the API server.
-async fn publish(client: &kube::Client, update: Update) {
-    match update {
-        Update::Status {
-            namespace,
-            name,
-            uid,
-            status,
-        } => {
-            let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-            // The uid in the patch makes the API server refuse it for a newer pod of the name.
-            let patch = json!({"metadata": {"uid": uid}, "status": status});
-            match pods
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
-                Err(e) => {
-                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "pod status update failed")
-                }
+/// Writes worker updates to the API server, keeping the ones that failed for a transient
+/// reason to retry on the next heartbeat, so pod status converges after an API outage.
+struct Publisher {
+    client: kube::Client,
+    pending: HashMap<String, Update>,
+}
+
+impl Publisher {
+    async fn publish(&mut self, update: Update) {
+        let (uid, result) = match &update {
+            Update::Status {
+                namespace,
+                name,
+                uid,
+                status,
+            } => {
+                // The `test` op makes the patch fail for a newer pod that reuses the name.
+                let patch = json!([
+                    {"op": "test", "path": "/metadata/uid", "value": uid},
+                    {"op": "add", "path": "/status", "value": status},
+                ]);
+                let url = format!("/api/v1/namespaces/{namespace}/pods/{name}/status");
+                let result = match serde_json::to_vec(&patch).map(|body| {
+                    http::Request::patch(url)
+                        .header(http::header::CONTENT_TYPE, "application/json-patch+json")
+                        .body(body)
+                }) {
+                    Ok(Ok(req)) => self.client.request::<Pod>(req).await.map(drop),
+                    Ok(Err(e)) => Err(kube::Error::HttpError(e)),
+                    Err(e) => Err(kube::Error::SerdeError(e)),
+                };
+                (uid.clone(), result)
+            }
+            Update::Gone {
+                namespace,
+                name,
+                uid,
+            } => {
+                let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+                let params = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(Preconditions {
+                        uid: Some(uid.clone()),
+                        resource_version: None,
+                    }),
+                    ..Default::default()
+                };
+                (uid.clone(), pods.delete(name, &params).await.map(drop))
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.pending.remove(&uid);
+            }
+            // Gone, or a different pod by now: nothing left to write.
+            Err(e) if [404, 409, 422].iter().any(|c| is_status(&e, *c)) => {
+                self.pending.remove(&uid);
+            }
+            Err(e) => {
+                tracing::warn!(%uid, error = %e, "pod update failed; will retry");
+                self.pending.insert(uid, update);
             }
         }
-        Update::Gone {
-            namespace,
-            name,
-            uid,
-        } => {
-            let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-            let params = DeleteParams {
-                grace_period_seconds: Some(0),
-                preconditions: Some(Preconditions {
-                    uid: Some(uid),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            };
-            match pods.delete(&name, &params).await {
-                Ok(_) => {}
-                Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
-                Err(e) => {
-                    tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "cannot finish pod deletion")
-                }
-            }
+    }
+
+    async fn retry(&mut self) {
+        let pending: Vec<Update> = self.pending.drain().map(|(_, u)| u).collect();
+        for update in pending {
+            self.publish(update).await;
         }
     }
 }

@@ -553,3 +553,54 @@ async fn agent_survives_kill_9_adopts_running_pods_and_status_converges() {
         "steady pod was adopted, not restarted"
     );
 }
+
+#[tokio::test]
+async fn status_of_a_replaced_pod_is_never_written_to_its_successor() {
+    let api = ApiServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(api.client.clone(), "default");
+    let pod = pods
+        .create(
+            &PostParams::default(),
+            &pod_manifest("same-name", "nowhere", &["true"]),
+        )
+        .await
+        .unwrap();
+    let mut publisher = Publisher {
+        client: api.client.clone(),
+        pending: HashMap::new(),
+    };
+    let status = |phase: &str| {
+        Box::new(k8s_openapi::api::core::v1::PodStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        })
+    };
+    let update = |uid: &str, phase: &str| Update::Status {
+        namespace: "default".into(),
+        name: "same-name".into(),
+        uid: uid.into(),
+        status: status(phase),
+    };
+    publisher.publish(update("an-older-pod", "Failed")).await;
+    assert!(
+        publisher.pending.is_empty(),
+        "a refused patch is not retried"
+    );
+    let phase = pods
+        .get("same-name")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.phase);
+    assert_ne!(phase.as_deref(), Some("Failed"));
+    publisher
+        .publish(update(pod.metadata.uid.as_deref().unwrap(), "Running"))
+        .await;
+    let phase = pods
+        .get("same-name")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.phase);
+    assert_eq!(phase.as_deref(), Some("Running"));
+}
