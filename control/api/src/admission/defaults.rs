@@ -13,7 +13,12 @@ pub fn default(res: &Resource, obj: &mut Value) {
         ("", "Pod") => {
             if let Some(spec) = obj.get_mut("spec") {
                 pod_spec(spec);
+                requests_from_limits(spec);
             }
+            let qos = qos_class(obj.get("spec").unwrap_or(&Value::Null));
+            let status = entry(obj, "status");
+            set(status, "phase", json!("Pending"));
+            set(status, "qosClass", json!(qos));
         }
         ("", "Service") => {
             if let Some(spec) = obj.get_mut("spec") {
@@ -117,6 +122,58 @@ fn pod_spec(spec: &mut Value) {
     }
     for volume in items_mut(spec, "volumes") {
         volume_source(volume);
+    }
+}
+
+/// A Pod's container without a request for a resource it limits requests the limit
+/// (`SetDefaults_Pod`; templates are left alone, their Pods get it when created).
+fn requests_from_limits(spec: &mut Value) {
+    for key in ["containers", "initContainers"] {
+        for c in items_mut(spec, key) {
+            let Some(limits) = c
+                .pointer("/resources/limits")
+                .and_then(Value::as_object)
+                .cloned()
+            else {
+                continue;
+            };
+            let requests = entry(entry(c, "resources"), "requests");
+            for (resource, quantity) in limits {
+                set(requests, &resource, quantity);
+            }
+        }
+    }
+}
+
+/// `Guaranteed` when every container limits CPU and memory and requests exactly that,
+/// `BestEffort` when none requests or limits anything, `Burstable` otherwise.
+fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = ["containers", "initContainers"]
+        .iter()
+        .filter_map(|k| spec.get(*k).and_then(Value::as_array))
+        .flatten()
+        .collect();
+    let set_any = |c: &Value, kind: &str| {
+        c.pointer(&format!("/resources/{kind}"))
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+    };
+    if !containers
+        .iter()
+        .any(|c| set_any(c, "limits") || set_any(c, "requests"))
+    {
+        return "BestEffort";
+    }
+    let guaranteed = containers.iter().all(|c| {
+        ["cpu", "memory"].iter().all(|r| {
+            let limit = c.pointer(&format!("/resources/limits/{r}"));
+            limit.is_some() && limit == c.pointer(&format!("/resources/requests/{r}"))
+        })
+    });
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
     }
 }
 
@@ -333,6 +390,39 @@ mod tests {
         assert_eq!(ns["status"]["phase"], "Active");
         let rs = defaulted("rs", json!({"spec": {"replicas": 0}}));
         assert_eq!(rs["spec"]["replicas"], 0);
+    }
+
+    #[test]
+    fn pods_start_pending_with_requests_from_limits_and_a_qos_class() {
+        let pod = defaulted(
+            "pods",
+            json!({"spec": {"containers": [{"name": "a", "image": "x",
+                   "resources": {"limits": {"cpu": "500m", "memory": "64Mi"}}}]}}),
+        );
+        assert_eq!(
+            pod["spec"]["containers"][0]["resources"]["requests"],
+            json!({"cpu": "500m", "memory": "64Mi"})
+        );
+        assert_eq!(
+            pod["status"],
+            json!({"phase": "Pending", "qosClass": "Guaranteed"})
+        );
+        let burstable = defaulted(
+            "pods",
+            json!({"spec": {"containers": [{"name": "a", "image": "x",
+                   "resources": {"requests": {"cpu": "100m"}}}]}}),
+        );
+        assert_eq!(burstable["status"]["qosClass"], "Burstable");
+        let best = defaulted(
+            "pods",
+            json!({"spec": {"containers": [{"name": "a", "image": "x"}]}}),
+        );
+        assert_eq!(best["status"]["qosClass"], "BestEffort");
+        let running = defaulted(
+            "pods",
+            json!({"spec": {}, "status": {"phase": "Running", "qosClass": "BestEffort"}}),
+        );
+        assert_eq!(running["status"]["phase"], "Running");
     }
 
     #[test]
