@@ -105,7 +105,7 @@ impl Env {
             bpf,
             backends,
             client,
-            lab,
+            _lab: lab,
             cg,
         })
     }
