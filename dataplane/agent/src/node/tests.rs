@@ -177,11 +177,34 @@ pub(crate) fn pod_manifest(name: &str, node: &str, argv: &[&str]) -> Pod {
                 "name": "app",
                 "image": "weir/none",
                 "command": argv,
-                "env": [{"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}}],
+                "env": [
+                    {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}},
+                    {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+                    {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                ],
             }],
         },
     }))
     .unwrap()
+}
+
+/// The ConfigMap and Secret that `pod_manifest` containers take their environment from.
+pub(crate) async fn create_settings(client: &kube::Client) {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cm = json!({"metadata": {"name": "settings"}, "data": {"mode": "fast"}});
+    cms.create(&PostParams::default(), &serde_json::from_value(cm).unwrap())
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    // "hunter2", base64: the API stores Secret data encoded.
+    let secret = json!({"metadata": {"name": "creds"}, "data": {"password": "aHVudGVyMg=="}});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(secret).unwrap(),
+        )
+        .await
+        .unwrap();
 }
 
 async fn http_get(url: &str) -> Option<String> {
@@ -249,11 +272,7 @@ async fn two_nodes_register_claim_cidrs_run_pods_and_route_to_each_other() {
     ));
     assert!(run_in(&b.netns.name, &["ip", "link", "set", "eth1", "up"]));
 
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let cm: ConfigMap =
-        serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"mode": "fast"}}))
-            .unwrap();
-    cms.create(&PostParams::default(), &cm).await.unwrap();
+    create_settings(&client).await;
 
     a.start(&client);
     b.start(&client);
@@ -310,7 +329,7 @@ async fn two_nodes_register_claim_cidrs_run_pods_and_route_to_each_other() {
 
     // Pods bound to each node run there and reach each other across the nodes.
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let script = "echo mode=$MODE; exec python3 -m http.server 8080";
+    let script = "echo mode=$MODE pw=$PW ip=$MY_IP; exec python3 -m http.server 8080";
     pods.create(
         &PostParams::default(),
         &pod_manifest("pa", &a.name, &["sh", "-c", script]),
@@ -366,9 +385,15 @@ async fn two_nodes_register_claim_cidrs_run_pods_and_route_to_each_other() {
         }
     })
     .await;
-    crate::network::connect_in(&netns_b, (ip_a, 8080).into(), Duration::from_secs(1))
-        .await
-        .unwrap();
+    eventually("pb reaches pa across nodes", || {
+        let netns_b = netns_b.clone();
+        async move {
+            crate::network::connect_in(&netns_b, (ip_a, 8080).into(), Duration::from_secs(1))
+                .await
+                .ok()
+        }
+    })
+    .await;
 
     // Logs through the endpoint the node advertises.
     let node = nodes.get(&a.name).await.unwrap();
@@ -376,7 +401,10 @@ async fn two_nodes_register_claim_cidrs_run_pods_and_route_to_each_other() {
     let logs = http_get(&format!("{endpoint}/containerLogs/default/pa/app"))
         .await
         .unwrap();
-    assert!(logs.starts_with("mode=fast\n"), "{logs}");
+    assert!(
+        logs.starts_with(&format!("mode=fast pw=hunter2 ip={ip_a}\n")),
+        "{logs}"
+    );
 
     // Graceful deletion: the agent stops the pod, then finishes the deletion.
     pods.delete("pa", &DeleteParams::default()).await.unwrap();
@@ -482,11 +510,7 @@ async fn agent_survives_kill_9_adopts_running_pods_and_status_converges() {
     let api = ApiServer::start().await;
     let client = api.client.clone();
     let node = TestNode::new("node-k", Ipv4Addr::new(192, 168, 62, 1));
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let cm: ConfigMap =
-        serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"mode": "x"}}))
-            .unwrap();
-    cms.create(&PostParams::default(), &cm).await.unwrap();
+    create_settings(&client).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     for name in ["steady", "victim"] {
         pods.create(
