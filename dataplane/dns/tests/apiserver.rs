@@ -178,7 +178,7 @@ async fn changes_through_the_api_server_reach_dns_answers() {
         |m| !m.answers.is_empty(),
     )
     .await;
-    assert_eq!(addresses(&m), [hello_ip.clone()]);
+    assert_eq!(addresses(&m), [hello_ip]);
     let srv = eventually(
         dns,
         "_http._tcp.hello.default.svc.cluster.local.",
