@@ -119,9 +119,9 @@ pub async fn describe(ctx: &Ctx, args: DescribeArgs) -> anyhow::Result<usize> {
             out.title(0, "Data");
             out.raw(0, "====");
             for (k, v) in obj["data"].as_object().into_iter().flatten() {
-                let len = v
-                    .as_str()
-                    .map_or(0, |b| b.len() / 4 * 3 - b.matches('=').count());
+                let len = v.as_str().map_or(0, |b| {
+                    (b.len() / 4 * 3).saturating_sub(b.matches('=').count())
+                });
                 out.kv(0, k, format!("{len} bytes"));
             }
         }
