@@ -1,0 +1,469 @@
+//! ClusterIP and NodePort allocation for Services.
+//!
+//! Every allocated IP or port is one store key (`/registry/weir/serviceips/<ip>`,
+//! `/registry/weir/nodeports/<port>`) created with a store `create`, which is a
+//! compare-and-swap on both backends: two concurrent creates can never both own a value,
+//! allocations persist with the store, and deleting the key releases the value.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rand::Rng;
+use serde_json::{Value, json};
+use weir_api::{ApiError, Cause, Resource};
+use weir_store::{Error as StoreError, Store};
+
+use crate::meta;
+use crate::rest::store_error;
+
+const IP_PREFIX: &str = "/registry/weir/serviceips/";
+const PORT_PREFIX: &str = "/registry/weir/nodeports/";
+
+/// An IPv4 service CIDR such as `10.96.0.0/12`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceCidr {
+    base: u32,
+    prefix: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "invalid service CIDR {0:?}: want an IPv4 network such as 10.96.0.0/12 with a prefix of 8..=28"
+)]
+pub struct CidrError(String);
+
+impl FromStr for ServiceCidr {
+    type Err = CidrError;
+    fn from_str(s: &str) -> Result<Self, CidrError> {
+        let err = || CidrError(s.to_string());
+        let (ip, prefix) = s.split_once('/').ok_or_else(err)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| err())?;
+        let prefix: u8 = prefix.parse().map_err(|_| err())?;
+        if !(8..=28).contains(&prefix) {
+            return Err(err());
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Self {
+            base: u32::from(ip) & mask,
+            prefix,
+        })
+    }
+}
+
+impl fmt::Display for ServiceCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", Ipv4Addr::from(self.base), self.prefix)
+    }
+}
+
+impl Default for ServiceCidr {
+    fn default() -> Self {
+        Self {
+            base: u32::from(Ipv4Addr::new(10, 96, 0, 0)),
+            prefix: 12,
+        }
+    }
+}
+
+impl ServiceCidr {
+    fn size(&self) -> u32 {
+        1 << (32 - self.prefix)
+    }
+
+    pub fn nth(&self, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + n)
+    }
+
+    /// Whether `ip` is a usable address of the range (not the network or broadcast one).
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let ip = u32::from(ip);
+        ip > self.base && ip < self.base + self.size() - 1
+    }
+
+    /// `.1`: the `kubernetes` Service.
+    pub fn apiserver_ip(&self) -> Ipv4Addr {
+        self.nth(1)
+    }
+
+    /// `.10`: kept for the cluster DNS Service, never handed out automatically.
+    pub fn dns_ip(&self) -> Ipv4Addr {
+        self.nth(10)
+    }
+}
+
+/// The values a Service holds; what to release when it goes away or a write fails.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub ips: Vec<Ipv4Addr>,
+    pub ports: Vec<u16>,
+}
+
+impl Held {
+    pub fn of(svc: &Value) -> Self {
+        let spec = &svc["spec"];
+        let ips = spec["clusterIPs"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()?.parse().ok()).collect())
+            .or_else(|| {
+                spec["clusterIP"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .map(|ip| vec![ip])
+            })
+            .unwrap_or_default();
+        let ports = spec["ports"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["nodePort"].as_u64())
+                    .filter_map(|p| u16::try_from(p).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self { ips, ports }
+    }
+
+    /// What `self` holds that `other` does not.
+    pub fn minus(&self, other: &Held) -> Held {
+        Held {
+            ips: self
+                .ips
+                .iter()
+                .filter(|ip| !other.ips.contains(ip))
+                .copied()
+                .collect(),
+            ports: self
+                .ports
+                .iter()
+                .filter(|p| !other.ports.contains(p))
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+pub struct Allocator {
+    store: Arc<dyn Store>,
+    pub cidr: ServiceCidr,
+    pub node_ports: RangeInclusive<u16>,
+}
+
+fn needs_node_ports(svc: &Value) -> bool {
+    matches!(
+        svc["spec"]["type"].as_str(),
+        Some("NodePort") | Some("LoadBalancer")
+    )
+}
+
+impl Allocator {
+    pub fn new(store: Arc<dyn Store>, cidr: ServiceCidr, node_ports: RangeInclusive<u16>) -> Self {
+        Self {
+            store,
+            cidr,
+            node_ports,
+        }
+    }
+
+    /// Claim `key`: true if we got it, false if someone holds it.
+    async fn claim(&self, key: String, owner: &str) -> Result<bool, ApiError> {
+        match self
+            .store
+            .create(&key, json!({ "owner": owner }).to_string().into_bytes())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StoreError::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+
+    /// Release everything in `held`. Failures are logged: a leaked value only shrinks
+    /// the range, while failing the request that freed it would help nobody.
+    pub async fn release(&self, held: &Held) {
+        for ip in &held.ips {
+            if let Err(e) = self.store.delete(&format!("{IP_PREFIX}{ip}"), None).await {
+                tracing::warn!(%ip, error = %e, "could not release cluster IP");
+            }
+        }
+        for port in &held.ports {
+            if let Err(e) = self
+                .store
+                .delete(&format!("{PORT_PREFIX}{port}"), None)
+                .await
+            {
+                tracing::warn!(port, error = %e, "could not release node port");
+            }
+        }
+    }
+
+    async fn allocate_ip(&self, owner: &str) -> Result<Ipv4Addr, ApiError> {
+        let size = self.cidr.size();
+        let dns = self.cidr.dns_ip();
+        // Random probing: a fresh random start per try spreads concurrent creates apart.
+        for _ in 0..64 {
+            let n = rand::rng().random_range(2..size - 1);
+            let ip = self.cidr.nth(n);
+            if ip != dns && self.claim(format!("{IP_PREFIX}{ip}"), owner).await? {
+                return Ok(ip);
+            }
+        }
+        for n in 2..size - 1 {
+            let ip = self.cidr.nth(n);
+            if ip != dns && self.claim(format!("{IP_PREFIX}{ip}"), owner).await? {
+                return Ok(ip);
+            }
+        }
+        Err(ApiError::internal(&format!(
+            "failed to allocate a serviceIP: range {} is full",
+            self.cidr
+        )))
+    }
+
+    async fn allocate_port(&self, owner: &str) -> Result<u16, ApiError> {
+        let (lo, hi) = (*self.node_ports.start(), *self.node_ports.end());
+        for _ in 0..64 {
+            let port = rand::rng().random_range(lo..=hi);
+            if self.claim(format!("{PORT_PREFIX}{port}"), owner).await? {
+                return Ok(port);
+            }
+        }
+        for port in lo..=hi {
+            if self.claim(format!("{PORT_PREFIX}{port}"), owner).await? {
+                return Ok(port);
+            }
+        }
+        Err(ApiError::internal(&format!(
+            "failed to allocate a nodePort: range {lo}-{hi} is full"
+        )))
+    }
+
+    /// Fill in and claim the cluster IP and node ports of `svc`, keeping what `old` (the
+    /// stored version, on update) already holds. On success returns what was newly
+    /// claimed (release it if the write fails); on failure nothing stays claimed.
+    pub async fn assign(
+        &self,
+        res: &Resource,
+        svc: &mut Value,
+        old: Option<&Value>,
+    ) -> Result<Held, ApiError> {
+        let mut claimed = Held::default();
+        match self.assign_inner(res, svc, old, &mut claimed).await {
+            Ok(()) => Ok(claimed),
+            Err(e) => {
+                self.release(&claimed).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn assign_inner(
+        &self,
+        res: &Resource,
+        svc: &mut Value,
+        old: Option<&Value>,
+        claimed: &mut Held,
+    ) -> Result<(), ApiError> {
+        let name = meta::name(svc).to_string();
+        let owner = format!(
+            "{}/{}",
+            meta::meta_str(svc, "namespace").unwrap_or(""),
+            name
+        );
+        let invalid = |field: &str, value: Value, detail: &str| {
+            ApiError::invalid(res, &name, vec![Cause::invalid(field, &value, detail)])
+        };
+        if !svc["spec"].is_object() {
+            svc["spec"] = json!({});
+        }
+        let external_name = svc["spec"]["type"].as_str() == Some("ExternalName");
+
+        // Cluster IP: immutable once set, so an update inherits the stored one.
+        let old_ip = old
+            .and_then(|o| o["spec"]["clusterIP"].as_str())
+            .filter(|s| !s.is_empty());
+        let asked = svc["spec"]["clusterIP"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .or_else(|| {
+                svc["spec"]["clusterIPs"][0]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+            });
+        if let (Some(old_ip), Some(asked)) = (old_ip, asked.as_deref())
+            && old_ip != asked
+        {
+            return Err(invalid(
+                "spec.clusterIPs[0]",
+                json!(asked),
+                "may not change once set",
+            ));
+        }
+        let ip = match (old_ip, asked) {
+            _ if external_name => None,
+            (Some(old_ip), _) => Some(old_ip.to_string()),
+            (None, Some(asked)) if asked == "None" => Some(asked),
+            (None, Some(asked)) => {
+                let ip: Ipv4Addr = asked.parse().map_err(|_| {
+                    invalid(
+                        "spec.clusterIPs[0]",
+                        json!(asked),
+                        "must be a valid IPv4 address",
+                    )
+                })?;
+                if !self.cidr.contains(ip) {
+                    return Err(invalid(
+                        "spec.clusterIPs[0]",
+                        json!(asked),
+                        &format!(
+                            "failed to allocate IP {ip}: the provided IP ({ip}) is not in the valid range. The range of valid IPs is {}",
+                            self.cidr
+                        ),
+                    ));
+                }
+                if !self.claim(format!("{IP_PREFIX}{ip}"), &owner).await? {
+                    return Err(invalid(
+                        "spec.clusterIPs[0]",
+                        json!(asked),
+                        &format!("failed to allocate IP {ip}: provided IP is already allocated"),
+                    ));
+                }
+                claimed.ips.push(ip);
+                Some(asked)
+            }
+            (None, None) => {
+                let ip = self.allocate_ip(&owner).await?;
+                claimed.ips.push(ip);
+                Some(ip.to_string())
+            }
+        };
+        let spec = &mut svc["spec"];
+        match ip {
+            Some(ip) => {
+                spec["clusterIP"] = json!(ip);
+                spec["clusterIPs"] = json!([ip]);
+                spec["ipFamilies"] = json!(["IPv4"]);
+                spec["ipFamilyPolicy"] = json!("SingleStack");
+            }
+            None => {
+                if let Some(m) = spec.as_object_mut() {
+                    m.remove("clusterIP");
+                    m.remove("clusterIPs");
+                }
+            }
+        }
+
+        // Node ports.
+        let want_ports = needs_node_ports(svc);
+        let old_ports: Vec<Value> = old
+            .filter(|o| needs_node_ports(o))
+            .and_then(|o| o["spec"]["ports"].as_array().cloned())
+            .unwrap_or_default();
+        let old_held: Vec<u16> = old.map(|o| Held::of(o).ports).unwrap_or_default();
+        let Some(ports) = svc["spec"]["ports"].as_array_mut() else {
+            return Ok(());
+        };
+        for (i, port) in ports.iter_mut().enumerate() {
+            if !want_ports {
+                if let Some(m) = port.as_object_mut() {
+                    m.remove("nodePort");
+                }
+                continue;
+            }
+            let field = format!("spec.ports[{i}].nodePort");
+            match port["nodePort"].as_u64() {
+                Some(n) => {
+                    let Ok(n) = u16::try_from(n) else {
+                        return Err(invalid(
+                            &field,
+                            json!(n),
+                            "must be between 1 and 65535, inclusive",
+                        ));
+                    };
+                    if old_held.contains(&n) || claimed.ports.contains(&n) {
+                        continue;
+                    }
+                    if !self.node_ports.contains(&n) {
+                        return Err(invalid(
+                            &field,
+                            json!(n),
+                            &format!(
+                                "provided port is not in the valid range. The range of valid ports is {}-{}",
+                                self.node_ports.start(),
+                                self.node_ports.end()
+                            ),
+                        ));
+                    }
+                    if !self.claim(format!("{PORT_PREFIX}{n}"), &owner).await? {
+                        return Err(invalid(
+                            &field,
+                            json!(n),
+                            "provided port is already allocated",
+                        ));
+                    }
+                    claimed.ports.push(n);
+                }
+                None => {
+                    // A port the stored object had keeps its node port (matched by name
+                    // and port), as clients that send the manifest again omit it.
+                    let kept = old_ports.iter().find_map(|o| {
+                        (o["name"] == port["name"] && o["port"] == port["port"])
+                            .then(|| o["nodePort"].as_u64())
+                            .flatten()
+                            .and_then(|n| u16::try_from(n).ok())
+                    });
+                    let n = match kept {
+                        Some(n) if !claimed.ports.contains(&n) => n,
+                        _ => {
+                            let n = self.allocate_port(&owner).await?;
+                            claimed.ports.push(n);
+                            n
+                        }
+                    };
+                    port["nodePort"] = json!(n);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parses_and_reserves() {
+        let c: ServiceCidr = "10.96.0.0/12".parse().expect("cidr");
+        assert_eq!(c, ServiceCidr::default());
+        assert_eq!(c.to_string(), "10.96.0.0/12");
+        assert_eq!(c.apiserver_ip(), Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(c.dns_ip(), Ipv4Addr::new(10, 96, 0, 10));
+        assert!(c.contains(Ipv4Addr::new(10, 111, 255, 254)));
+        assert!(!c.contains(Ipv4Addr::new(10, 111, 255, 255)));
+        assert!(!c.contains(Ipv4Addr::new(10, 96, 0, 0)));
+        assert!(!c.contains(Ipv4Addr::new(10, 112, 0, 1)));
+        let odd: ServiceCidr = "192.168.7.9/24".parse().expect("cidr");
+        assert_eq!(odd.to_string(), "192.168.7.0/24");
+        assert!("10.96.0.0".parse::<ServiceCidr>().is_err());
+        assert!("10.96.0.0/31".parse::<ServiceCidr>().is_err());
+        assert!("fd00::/108".parse::<ServiceCidr>().is_err());
+    }
+
+    #[test]
+    fn held_values_are_read_from_the_service() {
+        let svc = json!({"spec": {"clusterIPs": ["10.96.0.7"], "ports": [
+            {"port": 80, "nodePort": 30001}, {"port": 81}
+        ]}});
+        let held = Held::of(&svc);
+        assert_eq!(held.ips, vec![Ipv4Addr::new(10, 96, 0, 7)]);
+        assert_eq!(held.ports, vec![30001]);
+        assert_eq!(held.minus(&held), Held::default());
+        let headless = json!({"spec": {"clusterIP": "None"}});
+        assert_eq!(Held::of(&headless), Held::default());
+    }
+}

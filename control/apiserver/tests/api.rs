@@ -1,0 +1,829 @@
+//! The API server over real HTTPS, through kube-rs (the client the rest of weir uses),
+//! against the embedded store and a real etcd: bad input, conflicts, nothing
+//! half-written, allocation, subresources, deletion, list/watch, and etcd outages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use http_body_util::BodyExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
+use kube::api::{
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use weir_apiserver::{Config, Server, ServiceCidr, kubeconfig};
+use weir_store::{EmbeddedStore, EtcdProcess, EtcdStore, Store};
+
+struct Running {
+    url: String,
+    dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    client: kube::Client,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+async fn start_with(store: Arc<dyn Store>, cidr: &str) -> Running {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::new(dir.path().to_path_buf(), store);
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.service_cidr = cidr.parse::<ServiceCidr>().expect("cidr");
+    let server = Server::bind(config).await.expect("bind");
+    let url = server.url();
+    let path = dir.path().join("kubeconfig");
+    kubeconfig::write(
+        &path,
+        &kubeconfig::Entry {
+            name: "weir",
+            user: "admin",
+            server: &url,
+            ca_pem: &server.pki().ca_pem,
+            token: &server.pki().admin_token,
+        },
+    )
+    .expect("kubeconfig");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server
+            .run(async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+    });
+    let client = client_from(&path, |_| {}).await;
+    // The initial namespaces appear shortly after start.
+    let ns: Api<Namespace> = Api::all(client.clone());
+    for _ in 0..100 {
+        if ns.get_opt("default").await.ok().flatten().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Running {
+        url,
+        dir,
+        stop: Some(tx),
+        task,
+        client,
+    }
+}
+
+async fn client_from(
+    path: &std::path::Path,
+    tweak: impl FnOnce(&mut kube::Config),
+) -> kube::Client {
+    let kc = kube::config::Kubeconfig::read_from(path).expect("read kubeconfig");
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("config");
+    tweak(&mut config);
+    kube::Client::try_from(config).expect("client")
+}
+
+async fn embedded() -> (Running, tempfile::TempDir) {
+    let sdir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(sdir.path().join("store.redb")).expect("store");
+    (start_with(Arc::new(store), "10.96.0.0/12").await, sdir)
+}
+
+async fn on_etcd() -> (Running, EtcdProcess) {
+    let etcd = EtcdProcess::start().await.expect("etcd");
+    let store = EtcdStore::connect(&[etcd.client_url()])
+        .await
+        .expect("connect");
+    (start_with(Arc::new(store), "10.96.0.0/12").await, etcd)
+}
+
+/// A raw request: (status code, body as JSON).
+async fn raw(
+    c: &kube::Client,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: Vec<u8>,
+) -> (u16, Value) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", ctype)
+        .body(kube::client::Body::from(body))
+        .expect("request");
+    let resp = c.send(req).await.expect("send");
+    let code = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    (code, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn cm(name: &str) -> ConfigMap {
+    serde_json::from_value(json!({"metadata": {"name": name}, "data": {"k": "v"}})).expect("cm")
+}
+
+fn svc(name: &str, spec: Value) -> Service {
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("svc")
+}
+
+fn api_status(e: kube::Error) -> (u16, String) {
+    match e {
+        kube::Error::Api(s) => (s.code, s.message),
+        other => panic!("not an API error: {other}"),
+    }
+}
+
+async fn bad_input_is_refused(r: &Running) {
+    let c = &r.client;
+    let path = "/api/v1/namespaces/default/configmaps";
+    let (code, body) = raw(
+        c,
+        "POST",
+        path,
+        "application/json",
+        b"{\"metadata\": {\"name\": \n".to_vec(),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("line 2")),
+        "{body}"
+    );
+    let (code, body) = raw(
+        c,
+        "POST",
+        path,
+        "application/yaml",
+        b"metadata:\n  name: [a\n".to_vec(),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains("line")),
+        "{body}"
+    );
+
+    let (code, body) = raw(
+        c,
+        "GET",
+        "/api/v1/namespaces/default/widgets",
+        "application/json",
+        vec![],
+    )
+    .await;
+    assert_eq!((code, body["reason"].as_str()), (404, Some("NotFound")));
+    let (code, _) = raw(
+        c,
+        "GET",
+        "/apis/example.com/v1/things",
+        "application/json",
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 404);
+
+    let big = json!({"metadata": {"name": "big"}, "data": {"k": "x".repeat(3 * 1024 * 1024 + 1)}});
+    let (code, body) = raw(
+        c,
+        "POST",
+        path,
+        "application/json",
+        serde_json::to_vec(&big).expect("json"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (413, Some("RequestEntityTooLarge"))
+    );
+
+    let wrong = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "w"},
+        "spec": {"replicas": "three", "selector": {"matchLabels": {"a": "b"}},
+                 "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+    let (code, body) = raw(
+        c,
+        "POST",
+        "/apis/apps/v1/namespaces/default/deployments",
+        "application/json",
+        serde_json::to_vec(&wrong).expect("json"),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("spec.replicas")),
+        "{body}"
+    );
+
+    for name in ["big", "w"] {
+        let (code, _) = raw(
+            c,
+            "GET",
+            &format!("{path}/{name}"),
+            "application/json",
+            vec![],
+        )
+        .await;
+        assert_eq!(code, 404, "{name} must not be stored");
+    }
+
+    // Anonymous callers get a 401 Status; health probes stay open.
+    let anonymous = client_from(&r.dir.path().join("kubeconfig"), |c| {
+        c.auth_info.token = None
+    })
+    .await;
+    let (code, body) = raw(
+        &anonymous,
+        "GET",
+        "/api/v1/namespaces",
+        "application/json",
+        vec![],
+    )
+    .await;
+    assert_eq!((code, body["reason"].as_str()), (401, Some("Unauthorized")));
+    let (code, _) = raw(&anonymous, "GET", "/readyz", "application/json", vec![]).await;
+    assert_eq!(code, 200);
+}
+
+async fn conflicts_and_atomicity(r: &Running) {
+    let cms: Api<ConfigMap> = Api::namespaced(r.client.clone(), "default");
+    let created = cms
+        .create(&PostParams::default(), &cm("c1"))
+        .await
+        .expect("create");
+    let (code, msg) = api_status(
+        cms.create(&PostParams::default(), &cm("c1"))
+            .await
+            .expect_err("dup"),
+    );
+    assert_eq!(code, 409);
+    assert_eq!(msg, "configmaps \"c1\" already exists");
+
+    let mut first = created.clone();
+    first.data = Some([("k".to_string(), "new".to_string())].into());
+    cms.replace("c1", &PostParams::default(), &first)
+        .await
+        .expect("update");
+    let (code, msg) = api_status(
+        cms.replace("c1", &PostParams::default(), &created)
+            .await
+            .expect_err("stale"),
+    );
+    assert_eq!(code, 409, "{msg}");
+    assert!(msg.contains("the object has been modified"));
+    assert_eq!(cms.get("c1").await.expect("get").data, first.data);
+
+    // Missing namespace: 404, nothing stored.
+    let missing: Api<ConfigMap> = Api::namespaced(r.client.clone(), "nope");
+    let (code, msg) = api_status(
+        missing
+            .create(&PostParams::default(), &cm("x"))
+            .await
+            .expect_err("no ns"),
+    );
+    assert_eq!((code, msg.as_str()), (404, "namespaces \"nope\" not found"));
+
+    // A Service whose second half fails (taken node port) keeps nothing it claimed.
+    let svcs: Api<Service> = Api::namespaced(r.client.clone(), "default");
+    svcs.create(
+        &PostParams::default(),
+        &svc(
+            "np1",
+            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30111}]}),
+        ),
+    )
+    .await
+    .expect("np1");
+    let clash = svc(
+        "np2",
+        json!({"type": "NodePort", "clusterIP": "10.96.0.77", "ports": [{"port": 80, "nodePort": 30111}]}),
+    );
+    let (code, msg) = api_status(
+        svcs.create(&PostParams::default(), &clash)
+            .await
+            .expect_err("taken port"),
+    );
+    assert_eq!(code, 422);
+    assert!(msg.contains("spec.ports[0].nodePort"), "{msg}");
+    assert!(svcs.get_opt("np2").await.expect("get").is_none());
+    let reuse = svc(
+        "np3",
+        json!({"clusterIP": "10.96.0.77", "ports": [{"port": 80}]}),
+    );
+    svcs.create(&PostParams::default(), &reuse)
+        .await
+        .expect("10.96.0.77 was released");
+    let again = svc(
+        "np4",
+        json!({"clusterIP": "10.96.0.77", "ports": [{"port": 80}]}),
+    );
+    let (code, msg) = api_status(
+        svcs.create(&PostParams::default(), &again)
+            .await
+            .expect_err("taken ip"),
+    );
+    assert_eq!(code, 422);
+    assert!(
+        msg.contains("spec.clusterIPs[0]") && msg.contains("already allocated"),
+        "{msg}"
+    );
+    svcs.delete("np3", &DeleteParams::default())
+        .await
+        .expect("delete");
+    svcs.create(&PostParams::default(), &again)
+        .await
+        .expect("released on delete");
+}
+
+async fn objects_behave_like_kubernetes(r: &Running) {
+    let c = r.client.clone();
+    let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "default");
+    let mut g = cm("");
+    g.metadata.name = None;
+    g.metadata.generate_name = Some("gen-".into());
+    let made = cms
+        .create(&PostParams::default(), &g)
+        .await
+        .expect("generateName");
+    let name = made.metadata.name.clone().expect("name");
+    assert!(name.starts_with("gen-") && name.len() == 9, "{name}");
+    assert!(made.metadata.uid.is_some() && made.metadata.creation_timestamp.is_some());
+
+    let deploys: Api<Deployment> = Api::namespaced(c.clone(), "default");
+    let d: Deployment = serde_json::from_value(json!({"metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}}))
+        .expect("deploy");
+    let d = deploys
+        .create(&PostParams::default(), &d)
+        .await
+        .expect("create");
+    assert_eq!(d.metadata.generation, Some(1));
+    let labels = json!({"metadata": {"labels": {"x": "y"}}});
+    let d = deploys
+        .patch("web", &PatchParams::default(), &Patch::Merge(&labels))
+        .await
+        .expect("label");
+    assert_eq!(
+        d.metadata.generation,
+        Some(1),
+        "metadata changes keep the generation"
+    );
+    let scale = deploys.get_scale("web").await.expect("scale");
+    assert_eq!(scale.spec.and_then(|s| s.replicas), Some(1));
+    deploys
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 4}})),
+        )
+        .await
+        .expect("scale up");
+    let d = deploys.get("web").await.expect("get");
+    assert_eq!(d.spec.and_then(|s| s.replicas), Some(4));
+    assert_eq!(d.metadata.generation, Some(2));
+    let status = json!({"status": {"replicas": 4, "readyReplicas": 2}});
+    let d = deploys
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("status");
+    assert_eq!(d.status.and_then(|s| s.ready_replicas), Some(2));
+    assert_eq!(d.metadata.generation, Some(2));
+
+    // Binding sets nodeName once.
+    let pods: Api<Pod> = Api::namespaced(c.clone(), "default");
+    let pod: Pod = serde_json::from_value(
+        json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}),
+    )
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("pod");
+    let binding = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"}, "target": {"kind": "Node", "name": "n1"}});
+    let path = "/api/v1/namespaces/default/pods/p/binding";
+    let (code, _) = raw(
+        &c,
+        "POST",
+        path,
+        "application/json",
+        serde_json::to_vec(&binding).expect("json"),
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, body) = raw(
+        &c,
+        "POST",
+        path,
+        "application/json",
+        serde_json::to_vec(&binding).expect("json"),
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(
+        pods.get("p")
+            .await
+            .expect("get")
+            .spec
+            .and_then(|s| s.node_name)
+            .as_deref(),
+        Some("n1")
+    );
+    // A bound pod is deleted gracefully: marked, left for its node.
+    pods.delete("p", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let p = pods.get("p").await.expect("still there");
+    assert!(p.metadata.deletion_timestamp.is_some());
+    assert_eq!(p.metadata.deletion_grace_period_seconds, Some(30));
+    pods.delete(
+        "p",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("force");
+    assert!(pods.get_opt("p").await.expect("get").is_none());
+
+    // Finalizers hold an object until they are removed.
+    let mut f = cm("fin");
+    f.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    cms.create(&PostParams::default(), &f)
+        .await
+        .expect("create");
+    cms.delete("fin", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let held = cms.get("fin").await.expect("held");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    let clear = json!({"metadata": {"finalizers": null}});
+    cms.patch("fin", &PatchParams::default(), &Patch::Merge(&clear))
+        .await
+        .expect("clear");
+    assert!(cms.get_opt("fin").await.expect("get").is_none());
+
+    // Namespace termination deletes the contents, then the namespace.
+    let nss: Api<Namespace> = Api::all(c.clone());
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "doomed"}})).expect("ns");
+    nss.create(&PostParams::default(), &ns).await.expect("ns");
+    let inner: Api<ConfigMap> = Api::namespaced(c.clone(), "doomed");
+    inner
+        .create(&PostParams::default(), &cm("a"))
+        .await
+        .expect("cm");
+    nss.delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete ns");
+    let (code, _) = api_status(
+        inner
+            .create(&PostParams::default(), &cm("b"))
+            .await
+            .expect_err("terminating"),
+    );
+    assert!(code == 403 || code == 404, "{code}");
+    for _ in 0..100 {
+        if nss.get_opt("doomed").await.expect("get").is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(nss.get_opt("doomed").await.expect("get").is_none());
+    assert!(
+        inner
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .is_empty()
+    );
+}
+
+async fn lists_and_watches(r: &Running) {
+    let c = r.client.clone();
+    let cms: Api<ConfigMap> = Api::namespaced(c.clone(), "default");
+    for i in 0..7 {
+        let mut m = cm(&format!("page-{i}"));
+        m.metadata.labels = Some(
+            [(
+                "parity".to_string(),
+                (if i % 2 == 0 { "even" } else { "odd" }).to_string(),
+            )]
+            .into(),
+        );
+        cms.create(&PostParams::default(), &m)
+            .await
+            .expect("create");
+    }
+    let lp = ListParams::default().labels("parity").limit(3);
+    let first = cms.list(&lp).await.expect("page 1");
+    assert_eq!(first.items.len(), 3);
+    let token = first.metadata.continue_.clone().expect("continue");
+    let rest = cms
+        .list(&lp.clone().continue_token(&token).limit(10))
+        .await
+        .expect("page 2");
+    assert_eq!(rest.items.len(), 4);
+    assert_eq!(
+        first.metadata.resource_version,
+        rest.metadata.resource_version
+    );
+    let odd = cms
+        .list(&ListParams::default().labels("parity=odd"))
+        .await
+        .expect("odd");
+    assert_eq!(odd.items.len(), 3);
+    let by_name = cms
+        .list(&ListParams::default().fields("metadata.name=page-4"))
+        .await
+        .expect("field");
+    assert_eq!(by_name.items.len(), 1);
+
+    // Raw watch from a list's resourceVersion sees exactly the later changes.
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .expect("rv");
+    let mut events = cms
+        .watch(&WatchParams::default().labels("parity=odd"), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    cms.delete("page-1", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let patch = json!({"metadata": {"labels": {"parity": "odd"}}});
+    cms.patch("page-2", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("relabel");
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("event in time")
+        {
+            Some(Ok(WatchEvent::Added(o))) => {
+                seen.push(format!("ADDED {}", o.metadata.name.unwrap_or_default()))
+            }
+            Some(Ok(WatchEvent::Deleted(o))) => {
+                seen.push(format!("DELETED {}", o.metadata.name.unwrap_or_default()))
+            }
+            Some(Ok(WatchEvent::Bookmark(_))) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, vec!["DELETED page-1", "ADDED page-2"]);
+
+    // kube-rs's watcher (list, then watch) sees creation, change and deletion.
+    let stream = watcher(
+        cms.clone(),
+        watcher::Config::default().fields("metadata.name=watched"),
+    );
+    let mut stream = stream.boxed();
+    let writer = {
+        let cms = cms.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cms.create(&PostParams::default(), &cm("watched"))
+                .await
+                .expect("create");
+            cms.delete("watched", &DeleteParams::default())
+                .await
+                .expect("delete");
+        })
+    };
+    let mut applied = false;
+    let mut deleted = false;
+    while !(applied && deleted) {
+        match tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+            .await
+            .expect("in time")
+        {
+            Ok(Some(watcher::Event::Apply(o))) => {
+                assert_eq!(o.metadata.name.as_deref(), Some("watched"));
+                applied = true;
+            }
+            Ok(Some(watcher::Event::Delete(_))) => deleted = true,
+            Ok(Some(_)) => {}
+            other => panic!("watcher: {other:?}"),
+        }
+    }
+    writer.await.expect("writer");
+
+    // Table output, as kubectl asks for it.
+    let req = http::Request::get("/api/v1/namespaces/default/configmaps?limit=2")
+        .header(
+            "accept",
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+        )
+        .body(Vec::new())
+        .expect("request");
+    let table: Value = c.request(req).await.expect("table");
+    assert_eq!(table["kind"], "Table");
+    assert_eq!(table["columnDefinitions"][1]["name"], "Data");
+    assert_eq!(table["rows"].as_array().map(Vec::len), Some(2));
+    assert!(table["metadata"]["continue"].is_string());
+}
+
+async fn cluster_ips_are_unique_under_concurrency(store: Arc<dyn Store>) {
+    // A /26 has 62 usable addresses; .1 (kubernetes) and .10 (DNS) are not handed out.
+    let r = start_with(store, "10.100.0.0/26").await;
+    let svcs: Api<Service> = Api::namespaced(r.client.clone(), "default");
+    let creates = (0..40).map(|i| {
+        let svcs = svcs.clone();
+        async move {
+            svcs.create(
+                &PostParams::default(),
+                &svc(
+                    &format!("s{i}"),
+                    json!({"type": "NodePort", "ports": [{"port": 80}]}),
+                ),
+            )
+            .await
+            .expect("create")
+        }
+    });
+    let made = futures::future::join_all(creates).await;
+    let mut ips: Vec<String> = made
+        .iter()
+        .filter_map(|s| s.spec.as_ref()?.cluster_ip.clone())
+        .collect();
+    let mut ports: Vec<i32> = made
+        .iter()
+        .filter_map(|s| s.spec.as_ref()?.ports.as_ref()?[0].node_port)
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ports.sort();
+    ports.dedup();
+    assert_eq!((ips.len(), ports.len()), (40, 40));
+    assert!(
+        !ips.iter()
+            .any(|ip| ip == "10.100.0.10" || ip == "10.100.0.1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_on_the_embedded_store() {
+    let (r, _store_dir) = embedded().await;
+    bad_input_is_refused(&r).await;
+    conflicts_and_atomicity(&r).await;
+    objects_behave_like_kubernetes(&r).await;
+    lists_and_watches(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_on_etcd() {
+    let (r, _etcd) = on_etcd().await;
+    bad_input_is_refused(&r).await;
+    conflicts_and_atomicity(&r).await;
+    objects_behave_like_kubernetes(&r).await;
+    lists_and_watches(&r).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_is_unique_on_both_stores() {
+    let sdir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(sdir.path().join("s.redb")).expect("store");
+    cluster_ips_are_unique_under_concurrency(Arc::new(store)).await;
+    let etcd = EtcdProcess::start().await.expect("etcd");
+    let store = EtcdStore::connect(&[etcd.client_url()])
+        .await
+        .expect("connect");
+    cluster_ips_are_unique_under_concurrency(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_is_503_then_recovers() {
+    let (r, mut etcd) = on_etcd().await;
+    // kube-rs retries 503s by default (honouring Retry-After); this test wants to see them.
+    let client = client_from(&r.dir.path().join("kubeconfig"), |c| {
+        c.default_retry = false
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    cms.create(&PostParams::default(), &cm("before"))
+        .await
+        .expect("create");
+    let rv = cms
+        .get("before")
+        .await
+        .expect("get")
+        .metadata
+        .resource_version
+        .expect("rv");
+
+    etcd.stop();
+    let (code, _) = api_status(
+        cms.create(&PostParams::default(), &cm("during"))
+            .await
+            .expect_err("etcd down"),
+    );
+    assert_eq!(code, 503);
+    let (code, _) = raw(&client, "GET", "/readyz", "application/json", vec![]).await;
+    assert_eq!(code, 503);
+    let (code, _) = raw(&client, "GET", "/healthz", "application/json", vec![]).await;
+    assert_eq!(code, 200, "the process keeps serving");
+
+    etcd.start_again().await.expect("etcd back");
+    let mut ok = false;
+    for _ in 0..100 {
+        if cms
+            .create(&PostParams::default(), &cm("after"))
+            .await
+            .is_ok()
+        {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "writes work again once etcd is back");
+    // A watcher resuming from before the outage misses nothing.
+    let mut events = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    match tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("in time")
+    {
+        Some(Ok(WatchEvent::Added(o))) => assert_eq!(o.metadata.name.as_deref(), Some("after")),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(r.url.starts_with("https://127.0.0.1:"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_watch_gets_410_and_client_certs_authenticate() {
+    let etcd = EtcdProcess::start().await.expect("etcd");
+    let store: Arc<dyn Store> = Arc::new(
+        EtcdStore::connect(&[etcd.client_url()])
+            .await
+            .expect("connect"),
+    );
+    let r = start_with(store.clone(), "10.96.0.0/12").await;
+    let cms: Api<ConfigMap> = Api::namespaced(r.client.clone(), "default");
+    let first = cms
+        .create(&PostParams::default(), &cm("a"))
+        .await
+        .expect("create");
+    cms.create(&PostParams::default(), &cm("b"))
+        .await
+        .expect("create");
+    let old_rv = first.metadata.resource_version.expect("rv");
+    store
+        .compact(store.current_revision().await.expect("rev"))
+        .await
+        .expect("compact");
+    let mut events = cms
+        .watch(&WatchParams::default(), &old_rv)
+        .await
+        .expect("watch")
+        .boxed();
+    match tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("in time")
+    {
+        Some(Ok(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
+        other => panic!("want a 410 ERROR event, got {other:?}"),
+    }
+
+    let pki = weir_apiserver::Pki::load_or_create(&r.dir.path().join("pki"), &["localhost".into()])
+        .expect("pki");
+    let (crt, key) = pki
+        .issue_client_cert("jane", &["devs"])
+        .expect("client cert");
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let by_cert = client_from(&r.dir.path().join("kubeconfig"), |c| {
+        c.auth_info.token = None;
+        c.auth_info.client_certificate_data = Some(b64(&crt));
+        c.auth_info.client_key_data = Some(b64(&key).into());
+    })
+    .await;
+    let (code, body) = raw(
+        &by_cert,
+        "GET",
+        "/api/v1/namespaces/default/configmaps/a",
+        "application/json",
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+}
