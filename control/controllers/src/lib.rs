@@ -5,6 +5,7 @@
 
 pub mod deployment;
 pub mod endpointslice;
+pub mod nodelifecycle;
 pub mod replicaset;
 pub mod runtime;
 pub mod util;

@@ -70,6 +70,24 @@ impl Domains<'_> {
     }
 }
 
+/// Topology values grouped by topology key, for one lookup per key and node.
+type ByKey<'a, V> = Vec<(&'a str, HashMap<&'a str, V>)>;
+
+fn add_by_key<'a, 'm, V: Default>(
+    map: &'m mut ByKey<'a, V>,
+    key: &'a str,
+    value: &'a str,
+) -> &'m mut V {
+    let i = match map.iter().position(|(k, _)| *k == key) {
+        Some(i) => i,
+        None => {
+            map.push((key, HashMap::new()));
+            map.len() - 1
+        }
+    };
+    map[i].1.entry(value).or_default()
+}
+
 /// What the inter-pod filters and scores need, computed once per pod.
 struct PreState<'a> {
     affinity: Vec<Domains<'a>>,
@@ -77,9 +95,10 @@ struct PreState<'a> {
     /// the first pod of a group may go anywhere.
     affinity_self_ok: bool,
     anti_affinity: Vec<Domains<'a>>,
-    existing_anti: Vec<(&'a str, &'a str)>,
-    /// (topology key, value) → preferred (anti-)affinity weight.
-    preferred: HashMap<(&'a str, &'a str), i64>,
+    /// Topology domains where an existing pod's anti-affinity forbids this pod.
+    existing_anti: ByKey<'a, ()>,
+    /// Preferred (anti-)affinity weight per topology domain.
+    preferred: ByKey<'a, i64>,
     owner_counts: Option<&'a HashMap<usize, u32>>,
 }
 
@@ -99,12 +118,13 @@ impl<'a> PreState<'a> {
                 .affinity
                 .iter()
                 .all(|t| t.matches(&pod.namespace, &pod.labels));
-        let existing_anti = snap
-            .existing_anti_affinity(pod)
-            .into_iter()
-            .filter_map(|(slot, key)| Some((key, snap.node(slot).topology_value(key)?)))
-            .collect();
-        let mut preferred = HashMap::new();
+        let mut existing_anti = Vec::new();
+        for (slot, key) in snap.existing_anti_affinity(pod) {
+            if let Some(v) = snap.node(slot).topology_value(key) {
+                add_by_key(&mut existing_anti, key, v);
+            }
+        }
+        let mut preferred = Vec::new();
         let weighted = pod
             .preferred_affinity
             .iter()
@@ -113,9 +133,7 @@ impl<'a> PreState<'a> {
         for (w, term) in weighted {
             for slot in snap.matching_pod_nodes(term) {
                 if let Some(v) = snap.node(slot).topology_value(&term.topology_key) {
-                    *preferred
-                        .entry((term.topology_key.as_str(), v))
-                        .or_insert(0) += w;
+                    *add_by_key(&mut preferred, &term.topology_key, v) += w;
                 }
             }
         }
@@ -136,11 +154,10 @@ impl<'a> PreState<'a> {
         if self.anti_affinity.iter().any(|d| d.contains(node)) {
             return Err(Reason::PodAntiAffinity);
         }
-        if self
-            .existing_anti
-            .iter()
-            .any(|(k, v)| node.topology_value(k) == Some(v))
-        {
+        if self.existing_anti.iter().any(|(k, values)| {
+            node.topology_value(k)
+                .is_some_and(|v| values.contains_key(v))
+        }) {
             return Err(Reason::ExistingAntiAffinity);
         }
         Ok(())
@@ -149,8 +166,7 @@ impl<'a> PreState<'a> {
     fn inter_pod_score(&self, node: &NodeInfo) -> i64 {
         self.preferred
             .iter()
-            .filter(|((k, v), _)| node.topology_value(k) == Some(v))
-            .map(|(_, w)| w)
+            .filter_map(|(k, weights)| weights.get(node.topology_value(k)?))
             .sum()
     }
 }

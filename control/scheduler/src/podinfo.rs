@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, NodeSelectorTerm, Pod, PodAffinityTerm, PreferredSchedulingTerm, Toleration,
+    Container, NodeSelectorTerm, Pod, PodAffinityTerm, PodSpec, PreferredSchedulingTerm,
+    Toleration, WeightedPodAffinityTerm,
 };
 use kube::core::{Selector, SelectorExt};
 use thiserror::Error;
@@ -111,29 +112,29 @@ impl PodInfo {
     pub fn from_pod(pod: &Pod) -> Result<Self, PodInfoError> {
         let meta = &pod.metadata;
         let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-        let spec = pod.spec.clone().unwrap_or_default();
-        let (requests, nonzero_requests) = pod_requests(&spec)?;
-        let affinity = spec.affinity.clone().unwrap_or_default();
-        let node_aff = affinity.node_affinity.unwrap_or_default();
-        let pod_aff = affinity.pod_affinity.unwrap_or_default();
-        let anti = affinity.pod_anti_affinity.unwrap_or_default();
-        let terms = |list: Option<Vec<PodAffinityTerm>>, field: &str| {
-            list.unwrap_or_default()
-                .into_iter()
+        let default_spec = PodSpec::default();
+        let spec = pod.spec.as_ref().unwrap_or(&default_spec);
+        let (requests, nonzero_requests) = pod_requests(spec)?;
+        let affinity = spec.affinity.as_ref();
+        let node_aff = affinity.and_then(|a| a.node_affinity.as_ref());
+        let pod_aff = affinity.and_then(|a| a.pod_affinity.as_ref());
+        let anti = affinity.and_then(|a| a.pod_anti_affinity.as_ref());
+        let terms = |list: Option<&Vec<PodAffinityTerm>>, field: &str| {
+            list.into_iter()
+                .flatten()
                 .enumerate()
                 .map(|(i, t)| parse_term(t, &namespace, &format!("{field}[{i}]")))
                 .collect::<Result<Vec<_>, _>>()
         };
-        let weighted = |list: Option<Vec<k8s_openapi::api::core::v1::WeightedPodAffinityTerm>>,
-                        field: &str| {
-            list.unwrap_or_default()
-                .into_iter()
+        let weighted = |list: Option<&Vec<WeightedPodAffinityTerm>>, field: &str| {
+            list.into_iter()
+                .flatten()
                 .enumerate()
                 .map(|(i, t)| {
                     let field = format!("{field}[{i}].podAffinityTerm");
                     Ok((
                         i64::from(t.weight),
-                        parse_term(t.pod_affinity_term, &namespace, &field)?,
+                        parse_term(&t.pod_affinity_term, &namespace, &field)?,
                     ))
                 })
                 .collect::<Result<Vec<_>, PodInfoError>>()
@@ -151,26 +152,44 @@ impl PodInfo {
             node_name: spec.node_name.clone().filter(|n| !n.is_empty()),
             node_selector: spec.node_selector.clone().unwrap_or_default(),
             required_node_terms: node_aff
-                .required_during_scheduling_ignored_during_execution
-                .map(|s| s.node_selector_terms),
+                .and_then(|a| {
+                    a.required_during_scheduling_ignored_during_execution
+                        .as_ref()
+                })
+                .map(|s| s.node_selector_terms.clone()),
             preferred_node_terms: node_aff
-                .preferred_during_scheduling_ignored_during_execution
+                .and_then(|a| {
+                    a.preferred_during_scheduling_ignored_during_execution
+                        .clone()
+                })
                 .unwrap_or_default(),
             tolerations: spec.tolerations.clone().unwrap_or_default(),
             affinity: terms(
-                pod_aff.required_during_scheduling_ignored_during_execution,
+                pod_aff.and_then(|a| {
+                    a.required_during_scheduling_ignored_during_execution
+                        .as_ref()
+                }),
                 &format!("{PA}.{REQ}"),
             )?,
             anti_affinity: terms(
-                anti.required_during_scheduling_ignored_during_execution,
+                anti.and_then(|a| {
+                    a.required_during_scheduling_ignored_during_execution
+                        .as_ref()
+                }),
                 &format!("{PAA}.{REQ}"),
             )?,
             preferred_affinity: weighted(
-                pod_aff.preferred_during_scheduling_ignored_during_execution,
+                pod_aff.and_then(|a| {
+                    a.preferred_during_scheduling_ignored_during_execution
+                        .as_ref()
+                }),
                 &format!("{PA}.{PREF}"),
             )?,
             preferred_anti_affinity: weighted(
-                anti.preferred_during_scheduling_ignored_during_execution,
+                anti.and_then(|a| {
+                    a.preferred_during_scheduling_ignored_during_execution
+                        .as_ref()
+                }),
                 &format!("{PAA}.{PREF}"),
             )?,
             owner: meta
@@ -185,12 +204,12 @@ impl PodInfo {
 }
 
 fn parse_term(
-    term: PodAffinityTerm,
+    term: &PodAffinityTerm,
     pod_namespace: &str,
     field: &str,
 ) -> Result<AffinityTerm, PodInfoError> {
     // A term without a labelSelector matches no pods, as in Kubernetes.
-    let label_selector = term.label_selector.unwrap_or_else(|| {
+    let label_selector = term.label_selector.clone().unwrap_or_else(|| {
         k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
             match_expressions: Some(vec![
                 k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
@@ -218,7 +237,7 @@ fn parse_term(
         s.match_labels.as_ref().is_none_or(|m| m.is_empty())
             && s.match_expressions.as_ref().is_none_or(|m| m.is_empty())
     });
-    let namespaces = match (all, term.namespaces) {
+    let namespaces = match (all, term.namespaces.clone()) {
         (true, _) => Namespaces::All,
         (false, Some(list)) if !list.is_empty() => Namespaces::Only(list),
         _ => Namespaces::Only(vec![pod_namespace.to_string()]),
@@ -227,15 +246,13 @@ fn parse_term(
         selector,
         match_labels,
         namespaces,
-        topology_key: term.topology_key,
+        topology_key: term.topology_key.clone(),
     })
 }
 
 /// (requests for fit, requests for scoring) of a pod spec: the larger of the sum over app
 /// containers and the largest init container, plus overhead, as kube-scheduler computes them.
-fn pod_requests(
-    spec: &k8s_openapi::api::core::v1::PodSpec,
-) -> Result<(Resources, Resources), PodInfoError> {
+fn pod_requests(spec: &PodSpec) -> Result<(Resources, Resources), PodInfoError> {
     let mut sum = Resources::default();
     let mut sum_nz = Resources::default();
     for (i, c) in spec.containers.iter().enumerate() {
