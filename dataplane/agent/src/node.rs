@@ -511,8 +511,28 @@ pub async fn run(
         .unwrap_or_else(|| format!("http://{listen}"));
 
     let nodes: Api<Node> = Api::all(client.clone());
-    let node = register(&nodes, &name, &advertise).await?;
-    let cidr = pod_cidr(&client, &node, args.cluster_cidr).await?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    // The API server may still be starting (`weir up` starts both at once): retry what
+    // fails for lack of it, give up on anything else.
+    let mut delay = Duration::from_millis(200);
+    let cidr = loop {
+        let attempt = async {
+            let node = register(&nodes, &name, &advertise).await?;
+            pod_cidr(&client, &node, args.cluster_cidr).await
+        };
+        match attempt.await {
+            Ok(cidr) => break cidr,
+            Err(Error::Api { context, source }) => {
+                tracing::warn!(%context, error = %source, retry_in = ?delay, "cannot register node yet");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let network = PodNetwork::new(args.netns.clone(), cidr, args.state_dir.join("ipam"));
     network.ensure_bridge().await?;
     network.guard(args.cluster_cidr).await?;
@@ -566,7 +586,6 @@ pub async fn run(
     let mut listing: Option<Vec<Pod>> = None;
     let mut all_nodes: HashMap<String, Node> = HashMap::new();
     let mut node_listing: Option<HashMap<String, Node>> = None;
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut publisher = Publisher {
         client: client.clone(),
         pending: HashMap::new(),

@@ -18,7 +18,8 @@ pub(crate) struct ApiServer {
     pub ca_file: PathBuf,
     pub token: String,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _dir: tempfile::TempDir,
+    task: Option<tokio::task::JoinHandle<Result<(), weir_apiserver::ServeError>>>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for ApiServer {
@@ -32,12 +33,19 @@ impl Drop for ApiServer {
 impl ApiServer {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store = weir_store::EmbeddedStore::open(dir.path().join("store.redb")).unwrap();
-        let mut config = Config::new(dir.path().to_path_buf(), Arc::new(store));
-        config.listen = "127.0.0.1:0".parse().unwrap();
+        let mut server = Self::start_in(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// An API server keeping its state in `dir` (so a restart there keeps CA and tokens).
+    pub async fn start_in(dir: &Path, listen: std::net::SocketAddr) -> Self {
+        let store = weir_store::EmbeddedStore::open(dir.join("store.redb")).unwrap();
+        let mut config = Config::new(dir.to_path_buf(), Arc::new(store));
+        config.listen = listen;
         let server = Server::bind(config).await.unwrap();
         let url = server.url();
-        let path = dir.path().join("kubeconfig");
+        let path = dir.join("kubeconfig");
         kubeconfig::write(
             &path,
             &kubeconfig::Entry {
@@ -49,11 +57,11 @@ impl ApiServer {
             },
         )
         .unwrap();
-        let ca_file = dir.path().join("ca.pem");
+        let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, &server.pki().ca_pem).unwrap();
         let token = server.pki().admin_token.clone();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server.run(async {
+        let task = tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
         let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
@@ -74,7 +82,18 @@ impl ApiServer {
             ca_file,
             token,
             stop: Some(tx),
-            _dir: dir,
+            task: Some(task),
+            _dir: None,
+        }
+    }
+
+    /// Stops the server and waits until it has let go of its port and store.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
         }
     }
 }
@@ -627,4 +646,41 @@ async fn status_of_a_replaced_pod_is_never_written_to_its_successor() {
         .status
         .and_then(|s| s.phase);
     assert_eq!(phase.as_deref(), Some("Running"));
+}
+
+#[tokio::test]
+async fn agent_waits_for_an_api_server_that_is_not_up_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // A first start makes the CA and token the agent is configured with; then it goes away.
+    let api = ApiServer::start_in(dir.path(), port).await;
+    let (url, token, ca_file) = (api.url.clone(), api.token.clone(), api.ca_file.clone());
+    api.stop().await;
+
+    let mut node = TestNode::new("node-w", Ipv4Addr::new(192, 168, 63, 1));
+    node.args.server = url;
+    node.args.token = token;
+    node.args.certificate_authority = Some(ca_file);
+    let client = node.args.client().unwrap();
+    node.start(&client);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let api = ApiServer::start_in(dir.path(), port).await;
+    let nodes: Api<Node> = Api::all(api.client.clone());
+    let name = node.name.clone();
+    eventually("node registered once the API server is up", || {
+        let nodes = nodes.clone();
+        let name = name.clone();
+        async move {
+            nodes
+                .get_opt(&name)
+                .await
+                .ok()?
+                .and_then(|n| n.spec?.pod_cidr)
+        }
+    })
+    .await;
 }
