@@ -4,7 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Secret, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::api::networking::v1::{
     HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
@@ -156,4 +157,27 @@ pub fn slice(
             ..Default::default()
         }]),
     }
+}
+
+/// A `kubernetes.io/tls` Secret holding a fresh self-signed certificate for `hosts`.
+pub fn tls_secret(ns: &str, name: &str, hosts: &[&str]) -> Result<Secret, rcgen::Error> {
+    let generated = rcgen::generate_simple_self_signed(
+        hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+    )?;
+    let data = [
+        (
+            "tls.crt".to_string(),
+            ByteString(generated.cert.pem().into_bytes()),
+        ),
+        (
+            "tls.key".to_string(),
+            ByteString(generated.signing_key.serialize_pem().into_bytes()),
+        ),
+    ];
+    Ok(Secret {
+        metadata: meta(ns, name),
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(data.into_iter().collect()),
+        ..Default::default()
+    })
 }

@@ -27,7 +27,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
+/// The shutdown signal [`run`] and [`IngressServer::serve`] take.
+pub use tokio_util::sync::CancellationToken;
 
 use crate::balance::EjectPolicy;
 use crate::metrics::Metrics;
@@ -101,6 +102,10 @@ pub struct Args {
     /// How long shutdown waits for in-flight requests.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub shutdown_grace: Duration,
+    /// Proxy worker threads, each with its own accept socket (SO_REUSEPORT), runtime and
+    /// upstream connection pool, so a request never crosses threads; 0 means one per CPU.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
     /// One structured log line per request (target `weir_ingress::access`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
@@ -131,28 +136,61 @@ impl Args {
     }
 }
 
-/// Bound listeners and the proxy behind them, serving whatever table is in `table`.
+/// The routing table as the proxy reads it: swapped whole, read without locks.
+pub type SharedTable = Arc<ArcSwap<Table>>;
+
+/// An empty shared table (every request gets 404 until a table is stored).
+pub fn shared_table() -> SharedTable {
+    Arc::new(ArcSwap::from_pointee(Table::default()))
+}
+
+/// Bound listeners, ready to serve whatever table is in the shared table.
 pub struct IngressServer {
-    http: TcpListener,
-    https: TcpListener,
-    metrics_listener: TcpListener,
+    /// Per worker: its HTTP and HTTPS accept sockets, all bound to the same two addresses.
+    sockets: Vec<(std::net::TcpListener, std::net::TcpListener)>,
+    metrics_listener: std::net::TcpListener,
     tls: TlsAcceptor,
-    proxy: Arc<Proxy>,
+    table: SharedTable,
     metrics: Arc<Metrics>,
+    proxy_cfg: ProxyConfig,
     server_cfg: ServerConfig,
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { what, addr, source })
+/// `n` listening sockets on `addr` sharing the port through SO_REUSEPORT, so the kernel
+/// spreads connections over the workers. With port 0 the later ones take the first's port.
+fn bind_reuseport(
+    what: &'static str,
+    addr: SocketAddr,
+    n: usize,
+) -> Result<Vec<std::net::TcpListener>, Error> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let bound = (|| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(4096)?;
+            Ok(std::net::TcpListener::from(s))
+        })();
+        let l: std::net::TcpListener =
+            bound.map_err(|source| Error::Bind { what, addr, source })?;
+        addr = l
+            .local_addr()
+            .map_err(|source| Error::Bind { what, addr, source })?;
+        out.push(l);
+    }
+    Ok(out)
 }
 
 impl IngressServer {
     /// Bind the HTTP, HTTPS and metrics listeners of `args` (port 0 picks a free port).
     pub async fn bind(
         args: &Args,
-        table: Arc<ArcSwap<Table>>,
+        table: SharedTable,
         metrics: Arc<Metrics>,
     ) -> Result<Self, Error> {
         let fallback = tls::self_signed("weir-ingress-default")?;
@@ -160,51 +198,101 @@ impl IngressServer {
             table.clone(),
             fallback,
         ))?);
-        let http = bind("http", args.http_addr).await?;
-        let https = bind("https", args.https_addr).await?;
-        let mut cfg = args.proxy_config();
+        let workers = match args.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let http = bind_reuseport("http", args.http_addr, workers)?;
+        let https = bind_reuseport("https", args.https_addr, workers)?;
+        let mut proxy_cfg = args.proxy_config();
         // Redirects name the port actually bound (it differs when asked for port 0).
-        cfg.https_port = https.local_addr().map_or(cfg.https_port, |a| a.port());
-        let proxy = Arc::new(Proxy::new(table, cfg, metrics.clone()));
+        proxy_cfg.https_port = https[0]
+            .local_addr()
+            .map_or(proxy_cfg.https_port, |a| a.port());
+        let metrics_listener = bind_reuseport("metrics", args.metrics_addr, 1)?.remove(0);
         Ok(IngressServer {
-            http,
-            https,
-            metrics_listener: bind("metrics", args.metrics_addr).await?,
+            sockets: http.into_iter().zip(https).collect(),
+            metrics_listener,
             tls,
-            proxy,
+            table,
             metrics,
+            proxy_cfg,
             server_cfg: args.server_config(),
         })
     }
 
     /// The bound (HTTP, HTTPS, metrics) addresses.
     pub fn addrs(&self) -> (SocketAddr, SocketAddr, SocketAddr) {
-        let a = |l: &TcpListener| {
+        let a = |l: &std::net::TcpListener| {
             l.local_addr()
                 .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
         };
-        (a(&self.http), a(&self.https), a(&self.metrics_listener))
+        let (http, https) = &self.sockets[0];
+        (a(http), a(https), a(&self.metrics_listener))
     }
 
-    /// Serve until `shutdown`, then drain in-flight requests within the grace period.
+    /// Serve until `shutdown`, then drain in-flight requests within the grace period. The
+    /// proxy runs on its own worker threads; metrics are served on the caller's runtime.
     pub async fn serve(self, shutdown: CancellationToken) {
-        let http = server::serve(
-            self.http,
-            None,
-            self.proxy.clone(),
-            self.server_cfg.clone(),
-            shutdown.clone(),
-        );
-        let https = server::serve(
-            self.https,
-            Some(self.tls),
-            self.proxy,
-            self.server_cfg,
-            shutdown.clone(),
-        );
-        let metrics = server::serve_metrics(self.metrics_listener, self.metrics, shutdown);
-        tokio::join!(http, https, metrics);
+        let mut threads = Vec::new();
+        for (i, (http, https)) in self.sockets.into_iter().enumerate() {
+            let (tls, shutdown) = (self.tls.clone(), shutdown.clone());
+            let proxy = Proxy::new(
+                self.table.clone(),
+                self.proxy_cfg.clone(),
+                self.metrics.clone(),
+            );
+            let cfg = self.server_cfg.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("ingress-{i}"))
+                .spawn(move || worker(http, https, tls, Arc::new(proxy), cfg, shutdown));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => tracing::error!(error = %e, "cannot start ingress worker thread {i}"),
+            }
+        }
+        match tokio::net::TcpListener::from_std(self.metrics_listener) {
+            Ok(l) => server::serve_metrics(l, self.metrics, shutdown.clone()).await,
+            Err(e) => {
+                tracing::error!(error = %e, "metrics listener");
+                shutdown.cancelled().await;
+            }
+        }
+        let _ =
+            tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())))
+                .await;
     }
+}
+
+/// One worker thread: a single-threaded runtime serving its own HTTP and HTTPS sockets,
+/// so each request and its upstream exchange stay on one thread.
+fn worker(
+    http: std::net::TcpListener,
+    https: std::net::TcpListener,
+    tls: TlsAcceptor,
+    proxy: Arc<Proxy>,
+    cfg: ServerConfig,
+    shutdown: CancellationToken,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return tracing::error!(error = %e, "cannot build the ingress worker runtime"),
+    };
+    rt.block_on(async move {
+        let (http, https) = match (TcpListener::from_std(http), TcpListener::from_std(https)) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                return tracing::error!(error = %e, "ingress worker listeners");
+            }
+        };
+        tokio::join!(
+            server::serve(http, None, proxy.clone(), cfg.clone(), shutdown.clone()),
+            server::serve(https, Some(tls), proxy, cfg, shutdown),
+        );
+    });
 }
 
 /// Run the ingress: watch the API server through `client`, serve until `shutdown`.
@@ -213,7 +301,7 @@ pub async fn run(
     client: kube::Client,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let table = Arc::new(ArcSwap::from_pointee(Table::default()));
+    let table = shared_table();
     let metrics = Arc::new(Metrics::default());
     let server = IngressServer::bind(&args, table.clone(), metrics.clone()).await?;
     let (http, https, m) = server.addrs();

@@ -27,7 +27,6 @@ use tokio_util::sync::CancellationToken;
 use crate::fixtures::*;
 use crate::metrics::Metrics;
 use crate::table::{Builder, Snapshot, Table};
-use crate::tls::tests::tls_secret;
 use crate::{Args, IngressServer};
 
 #[derive(Parser)]
@@ -440,7 +439,7 @@ async fn tls_sni_alpn_default_certificate_and_live_certificate_swap() {
     let a = upstream("a").await;
     let mut h = Harness::start(&[]).await;
     h.service("web", &[a], None);
-    let first = tls_secret("ns", "cert", &["secure.example.com"]);
+    let first = tls_secret("ns", "cert", &["secure.example.com"]).expect("rcgen");
     h.secret(first.clone());
     h.ingress(with_tls(
         ingress(
@@ -493,7 +492,7 @@ async fn tls_sni_alpn_default_certificate_and_live_certificate_swap() {
     assert!(!default.is_empty() && default != secret_cert_der(&first));
 
     // The Secret changes: the next handshake presents the new certificate, no restart.
-    let second = tls_secret("ns", "cert", &["secure.example.com"]);
+    let second = tls_secret("ns", "cert", &["secure.example.com"]).expect("rcgen");
     h.secret(second.clone());
     h.apply();
     let tls = tls_connect(h.https, "secure.example.com", &[b"http/1.1"]).await;

@@ -129,59 +129,32 @@ pub fn server_config(resolver: SniResolver) -> Result<Arc<rustls::ServerConfig>,
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::fixtures::tls_secret;
     use k8s_openapi::ByteString;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-    /// A `kubernetes.io/tls` Secret holding a fresh self-signed certificate for `hosts`.
-    pub fn tls_secret(ns: &str, name: &str, hosts: &[&str]) -> Secret {
-        let generated = rcgen::generate_simple_self_signed(
-            hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-        )
-        .expect("rcgen");
-        let data = [
-            (
-                "tls.crt".to_string(),
-                ByteString(generated.cert.pem().into_bytes()),
-            ),
-            (
-                "tls.key".to_string(),
-                ByteString(generated.signing_key.serialize_pem().into_bytes()),
-            ),
-        ];
-        Secret {
-            metadata: ObjectMeta {
-                namespace: Some(ns.into()),
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            type_: Some("kubernetes.io/tls".into()),
-            data: Some(data.into_iter().collect()),
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn parses_a_tls_secret() {
-        let key = certified_key(&tls_secret("ns", "s", &["a.example.com"])).expect("valid secret");
+        let key = certified_key(&tls_secret("ns", "s", &["a.example.com"]).expect("rcgen"))
+            .expect("valid secret");
         assert_eq!(key.cert.len(), 1);
     }
 
     #[test]
     fn bad_secrets_name_the_problem() {
-        let mut s = tls_secret("ns", "s", &["a.example.com"]);
+        let mut s = tls_secret("ns", "s", &["a.example.com"]).expect("rcgen");
         s.type_ = Some("Opaque".into());
         assert!(matches!(certified_key(&s), Err(TlsError::WrongType(t)) if t == "Opaque"));
 
-        let mut s = tls_secret("ns", "s", &["a.example.com"]);
+        let mut s = tls_secret("ns", "s", &["a.example.com"]).expect("rcgen");
         s.data.as_mut().map(|d| d.remove("tls.key"));
         assert!(matches!(
             certified_key(&s),
             Err(TlsError::Missing("tls.key"))
         ));
 
-        let mut s = tls_secret("ns", "s", &["a.example.com"]);
+        let mut s = tls_secret("ns", "s", &["a.example.com"]).expect("rcgen");
         s.data
             .as_mut()
             .map(|d| d.insert("tls.crt".into(), ByteString(b"not pem".to_vec())));

@@ -6,7 +6,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use super::*;
 use crate::fixtures::*;
-use crate::tls::tests::tls_secret;
 
 fn snap(ingresses: Vec<Ingress>) -> Snapshot {
     Snapshot {
@@ -360,11 +359,9 @@ fn tls_hosts_get_certificates_and_ssl_redirect() {
         "cert",
     );
     let mut s = snap(vec![ing]);
-    s.secrets.push(Arc::new(tls_secret(
-        "ns",
-        "cert",
-        &["a.example.com", "*.wild.example.com"],
-    )));
+    s.secrets.push(Arc::new(
+        tls_secret("ns", "cert", &["a.example.com", "*.wild.example.com"]).expect("rcgen"),
+    ));
     let t = Builder::default().build(&s);
     assert!(t.cert("a.example.com").is_some());
     assert!(t.cert("x.wild.example.com").is_some());

@@ -1,0 +1,716 @@
+//! ingress_bench: weir's ingress proxy side by side with nginx and haproxy, each configured
+//! as an equivalent keep-alive reverse proxy to the same `weir echo` backend on loopback.
+//! Measures HTTP/1.1 with wrk at 64 and 256 connections (requests/s, p99), TLS + HTTP/2 with
+//! h2load, and 100 routing changes (one per 100 ms) under wrk load with open WebSockets,
+//! counting failed requests and dropped WebSockets. Writes the `ingress` section of
+//! `docs/benchmarks.md`.
+//!
+//! Run: `cargo run --release -p weir-bench --bin ingress_bench [-- --duration 10]`.
+//! Everything listens on 127.0.0.1; the backend runs as a child process of this binary.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use k8s_openapi::api::core::v1::Secret;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weir_echo::EchoConfig;
+use weir_ingress::fixtures::{annotate, backend, ingress, service, slice, tls_secret, with_tls};
+use weir_ingress::metrics::Metrics;
+use weir_ingress::table::{Builder, Snapshot};
+use weir_ingress::{CancellationToken, IngressServer, SharedTable};
+
+#[derive(Parser)]
+struct Cli {
+    /// Seconds of each measured wrk and h2load run (each is preceded by a short warm-up).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Print the table without writing docs/benchmarks.md.
+    #[arg(long)]
+    no_write: bool,
+    /// Internal: serve the backend on (echo-0, echo-1, websocket-echo) and never return.
+    #[arg(long, hide = true, num_args = 3)]
+    backend: Option<Vec<SocketAddr>>,
+}
+
+#[derive(Parser)]
+struct IngressCli {
+    #[command(flatten)]
+    args: weir_ingress::Args,
+}
+
+/// Stops and reaps a child process when dropped, also on error paths. SIGTERM first, so
+/// that nginx's master takes its workers down with it; SIGKILL if it lingers.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A scratch directory for proxy configs and certificates, removed when dropped.
+struct TmpDir(PathBuf);
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_addr() -> Result<SocketAddr> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn wait_listening(addr: SocketAddr, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while StdStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("{what} is not listening on {addr} after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(addrs) = cli.backend {
+        return backend_main(&addrs);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(cli))
+}
+
+/// The backend process: two `weir echo` HTTP servers and a WebSocket-style upgrade echo.
+fn backend_main(addrs: &[SocketAddr]) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let token = CancellationToken::new();
+        let echo = |i: usize| EchoConfig {
+            http: Some(addrs[i]),
+            tcp: None,
+            udp: None,
+            name: format!("echo-{i}"),
+        };
+        let (a, b, c) = tokio::join!(
+            weir_echo::serve(echo(0), token.clone()),
+            weir_echo::serve(echo(1), token.clone()),
+            upgrade_echo(addrs[2]),
+        );
+        a?;
+        b?;
+        c
+    })
+}
+
+/// Answers any request with 101 and then echoes bytes: the far end of the WebSockets.
+async fn upgrade_echo(addr: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    loop {
+        let (mut s, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let reply = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
+            if s.write_all(reply).await.is_err() {
+                return;
+            }
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+struct Proxy {
+    name: &'static str,
+    http: SocketAddr,
+    https: SocketAddr,
+}
+
+async fn bench(cli: Cli) -> Result<()> {
+    let dir =
+        TmpDir(std::env::temp_dir().join(format!("weir-ingress-bench-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
+    let (echo0, echo1, ws) = (free_addr()?, free_addr()?, free_addr()?);
+    let exe = std::env::current_exe()?;
+    let _backend = ChildGuard(
+        Command::new(exe)
+            .args([
+                "--backend",
+                &echo0.to_string(),
+                &echo1.to_string(),
+                &ws.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the backend")?,
+    );
+    for a in [echo0, echo1, ws] {
+        wait_listening(a, "backend")?;
+    }
+
+    let secret = tls_secret("bench", "bench-tls", &["bench.local"])?;
+    let pem = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| b.0.clone())
+            .unwrap_or_default()
+    };
+    std::fs::write(dir.0.join("tls.crt"), pem("tls.crt"))?;
+    std::fs::write(dir.0.join("tls.key"), pem("tls.key"))?;
+    std::fs::write(
+        dir.0.join("combined.pem"),
+        [pem("tls.crt"), pem("tls.key")].concat(),
+    )?;
+
+    // weir, in this process.
+    let args = IngressCli::try_parse_from([
+        "weir-ingress",
+        "--http-addr=127.0.0.1:0",
+        "--https-addr=127.0.0.1:0",
+        "--metrics-addr=127.0.0.1:0",
+        "--access-log=false",
+        "--default-ssl-certificate=bench/bench-tls",
+    ])?
+    .args;
+    let table = weir_ingress::shared_table();
+    let mut builder = Builder::new(Default::default(), args.default_ssl_certificate.clone());
+    table.store(Arc::new(builder.build(&snapshot(&[echo0], ws, &secret, 0))));
+    let server = IngressServer::bind(&args, table.clone(), Arc::new(Metrics::default())).await?;
+    let (weir_http, weir_https, _) = server.addrs();
+    let shutdown = CancellationToken::new();
+    let weir_task = tokio::spawn(server.serve(shutdown.clone()));
+
+    let nginx = Proxy {
+        name: "nginx",
+        http: free_addr()?,
+        https: free_addr()?,
+    };
+    let _nginx = start_nginx(&dir.0, &nginx, echo0)?;
+    let haproxy = Proxy {
+        name: "haproxy",
+        http: free_addr()?,
+        https: free_addr()?,
+    };
+    let _haproxy = start_haproxy(&dir.0, &haproxy, echo0)?;
+    let weir = Proxy {
+        name: "weir",
+        http: weir_http,
+        https: weir_https,
+    };
+    for p in [&nginx, &haproxy] {
+        wait_listening(p.http, p.name)?;
+        wait_listening(p.https, p.name)?;
+    }
+    let proxies = [&weir, &nginx, &haproxy];
+
+    let mut md = String::new();
+    writeln!(md, "## Ingress proxy: weir vs nginx vs haproxy\n")?;
+    writeln!(
+        md,
+        "Produced by `cargo run --release -p weir-bench --bin ingress_bench` ({} s per run after a 2 s warm-up). \
+         Same run, loopback, 2 cores shared by load generator, proxy and backend; every proxy forwards to the same \
+         `weir echo` backend over keep-alive HTTP/1.1 (nginx {}, haproxy {}, access logs off).\n",
+        cli.duration,
+        tool_version("nginx", &["-v"]),
+        tool_version("haproxy", &["-v"]),
+    )?;
+    writeln!(md, "### HTTP/1.1 keep-alive (wrk -t2 --latency)\n")?;
+    writeln!(
+        md,
+        "| proxy | connections | requests/s | p50 | p99 | errors | vs nginx req/s |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for conns in [64, 256] {
+        let mut results = Vec::new();
+        for p in proxies {
+            wrk(p.http, conns, 2).await?;
+            let r = wrk(p.http, conns, cli.duration).await?;
+            eprintln!(
+                "{} c{conns}: {:.0} req/s p99 {:?} errors {}",
+                p.name, r.rps, r.p99, r.errors
+            );
+            results.push((p.name, r));
+        }
+        let nginx_rps = results
+            .iter()
+            .find(|(n, _)| *n == "nginx")
+            .map_or(1.0, |(_, r)| r.rps);
+        for (name, r) in &results {
+            writeln!(
+                md,
+                "| {name} | {conns} | {:.0} | {} | {} | {} | {:.2}× |",
+                r.rps,
+                fmt_dur(r.p50),
+                fmt_dur(r.p99),
+                r.errors,
+                r.rps / nginx_rps
+            )?;
+        }
+    }
+
+    writeln!(
+        md,
+        "\n### TLS + HTTP/2 (h2load -c32 -m10 -t2 -n {}, after a 20000-request warm-up)\n",
+        cli.duration * 30_000
+    )?;
+    writeln!(
+        md,
+        "| proxy | requests/s | mean request time | failed/errored | vs nginx |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    let mut h2 = Vec::new();
+    for p in proxies {
+        h2load(p.https, 20_000).await?;
+        let r = h2load(p.https, cli.duration * 30_000).await?;
+        eprintln!(
+            "{} h2: {:.0} req/s mean {} failed {}",
+            p.name, r.rps, r.mean, r.failed
+        );
+        h2.push((p.name, r));
+    }
+    let nginx_h2 = h2
+        .iter()
+        .find(|(n, _)| *n == "nginx")
+        .map_or(1.0, |(_, r)| r.rps);
+    for (name, r) in &h2 {
+        writeln!(
+            md,
+            "| {name} | {:.0} | {} | {} | {:.2}× |",
+            r.rps,
+            r.mean,
+            r.failed,
+            r.rps / nginx_h2
+        )?;
+    }
+
+    let changes = route_changes(&table, &mut builder, &secret, weir.http, echo0, echo1, ws).await?;
+    writeln!(md, "\n### Routing changes under load (weir)\n")?;
+    writeln!(
+        md,
+        "100 changes, one every 100 ms (each flips the echo Service between one and two endpoints and adds or \
+         removes an Ingress; every change rebuilds and swaps the whole table), while wrk -c64 runs and {} \
+         WebSockets stay open through the proxy and are pinged after every change.\n",
+        changes.websockets
+    )?;
+    writeln!(
+        md,
+        "| changes | requests during changes | failed requests | WebSockets dropped | table build + swap (max) |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| {} | {} | {} | {} of {} | {} |",
+        changes.applied,
+        changes.wrk.requests,
+        changes.wrk.errors,
+        changes.dropped,
+        changes.websockets,
+        fmt_dur(changes.max_swap)
+    )?;
+
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), weir_task).await;
+    print!("{md}");
+    if !cli.no_write {
+        weir_bench::write_section("ingress", &md)?;
+        eprintln!(
+            "wrote the ingress section of {}",
+            weir_bench::benchmarks_md().display()
+        );
+    }
+    Ok(())
+}
+
+/// The cluster the weir proxy serves: Service `echo` on `echo_eps`, Service `ws` for the
+/// WebSockets, one hostless Ingress with TLS, and `extra` unrelated Ingresses.
+fn snapshot(echo_eps: &[SocketAddr], ws: SocketAddr, secret: &Secret, extra: usize) -> Snapshot {
+    let mut s = Snapshot::default();
+    s.services
+        .push(Arc::new(service("bench", "echo", &[("http", 80, None)])));
+    s.services
+        .push(Arc::new(service("bench", "ws", &[("http", 80, None)])));
+    for (i, e) in echo_eps.iter().enumerate() {
+        let ip = e.ip().to_string();
+        s.slices.push(Arc::new(slice(
+            "bench",
+            &format!("echo-{i}"),
+            "echo",
+            ("http", e.port().into()),
+            &[(&ip, true)],
+        )));
+    }
+    let ip = ws.ip().to_string();
+    s.slices.push(Arc::new(slice(
+        "bench",
+        "ws-0",
+        "ws",
+        ("http", ws.port().into()),
+        &[(&ip, true)],
+    )));
+    let mut main = with_tls(
+        ingress(
+            "bench",
+            "bench",
+            vec![
+                ("", "/", "Prefix", backend("echo", 80)),
+                ("", "/ws", "Prefix", backend("ws", 80)),
+            ],
+        ),
+        &["bench.local"],
+        "bench-tls",
+    );
+    annotate(
+        &mut main.metadata,
+        &[("ingress.weir.io/ssl-redirect", "false")],
+    );
+    s.ingresses.push(Arc::new(main));
+    for i in 0..extra {
+        let host = format!("x{i}.bench.local");
+        s.ingresses.push(Arc::new(ingress(
+            "bench",
+            &format!("extra-{i}"),
+            vec![(&host, "/", "Prefix", backend("echo", 80))],
+        )));
+    }
+    s.secrets.push(Arc::new(secret.clone()));
+    s
+}
+
+fn tool_version(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&[o.stdout, o.stderr].concat()).into_owned())
+        .unwrap_or_default();
+    let line = text.lines().next().unwrap_or("").trim();
+    line.split_whitespace()
+        .find(|w| w.contains('/') || w.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .unwrap_or(line)
+        .to_string()
+}
+
+fn start_nginx(dir: &Path, p: &Proxy, backend: SocketAddr) -> Result<ChildGuard> {
+    let d = dir.display();
+    let conf = format!(
+        r#"worker_processes auto;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/nginx-body;
+    proxy_temp_path {d}/nginx-proxy;
+    fastcgi_temp_path {d}/nginx-fastcgi;
+    uwsgi_temp_path {d}/nginx-uwsgi;
+    scgi_temp_path {d}/nginx-scgi;
+    upstream echo {{ server {backend}; keepalive 512; }}
+    server {{
+        listen {http};
+        listen {https} ssl http2;
+        ssl_certificate {d}/tls.crt;
+        ssl_certificate_key {d}/tls.key;
+        location / {{
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
+            proxy_set_header X-Forwarded-Proto $scheme;
+        }}
+    }}
+}}
+"#,
+        http = p.http,
+        https = p.https,
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&path)
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("nginx-error.log"))
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting nginx")?;
+    Ok(ChildGuard(child))
+}
+
+fn start_haproxy(dir: &Path, p: &Proxy, backend: SocketAddr) -> Result<ChildGuard> {
+    let conf = format!(
+        r#"global
+    maxconn 8000
+    nbthread 2
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind {http}
+    bind {https} ssl crt {d}/combined.pem alpn h2,http/1.1
+    option forwardfor
+    default_backend be
+backend be
+    server echo {backend}
+"#,
+        http = p.http,
+        https = p.https,
+        d = dir.display(),
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, conf)?;
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&path)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting haproxy")?;
+    Ok(ChildGuard(child))
+}
+
+#[derive(Debug, Default)]
+struct WrkResult {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    requests: u64,
+    /// Socket errors plus non-2xx/3xx responses.
+    errors: u64,
+}
+
+async fn wrk(addr: SocketAddr, conns: u32, secs: u64) -> Result<WrkResult> {
+    let out = tokio::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-H",
+            "Host: bench.local",
+        ])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .await
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&text).with_context(|| format!("parsing wrk output:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Option<WrkResult> {
+    let mut r = WrkResult::default();
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => r.rps = v.parse().ok()?,
+            ["50%", v] => r.p50 = parse_dur(v)?,
+            ["99%", v] => r.p99 = parse_dur(v)?,
+            [n, "requests", "in", ..] => r.requests = n.parse().ok()?,
+            ["Non-2xx", "or", "3xx", "responses:", n] => r.errors += n.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                r.errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>()
+            }
+            _ => {}
+        }
+    }
+    (r.rps > 0.0).then_some(r)
+}
+
+fn parse_dur(v: &str) -> Option<Duration> {
+    let split = v.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = v.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let secs = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+fn fmt_dur(d: Duration) -> String {
+    if d < Duration::from_millis(1) {
+        format!("{} µs", d.as_micros())
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+struct H2Result {
+    rps: f64,
+    mean: String,
+    failed: u64,
+}
+
+/// `requests` TLS + h2 requests over 32 connections with 10 streams each. (h2load's
+/// duration mode, `-D`, reported 0 requests here, so runs are sized by count.)
+async fn h2load(addr: SocketAddr, requests: u64) -> Result<H2Result> {
+    let out = tokio::process::Command::new("h2load")
+        .args(["-c32", "-m10", "-t2", "-n", &requests.to_string()])
+        .arg(format!("https://{addr}/"))
+        .output()
+        .await
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = H2Result {
+        rps: 0.0,
+        mean: String::new(),
+        failed: 0,
+    };
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with("finished in") {
+            r.rps = words.get(3).and_then(|w| w.parse().ok()).unwrap_or(0.0);
+        } else if line.starts_with("requests:") {
+            let count = |label: &str| {
+                words
+                    .windows(2)
+                    .find(|w| w[1].trim_end_matches(',') == label)
+                    .and_then(|w| w[0].parse::<u64>().ok())
+            };
+            r.failed = count("failed").unwrap_or(0)
+                + count("errored").unwrap_or(0)
+                + count("timeout").unwrap_or(0);
+        } else if line.starts_with("time for request:") {
+            r.mean = words.get(5).map(|s| s.to_string()).unwrap_or_default();
+        }
+    }
+    if r.rps == 0.0 {
+        bail!(
+            "h2load gave no result:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(r)
+}
+
+struct Changes {
+    applied: usize,
+    wrk: WrkResult,
+    websockets: usize,
+    dropped: usize,
+    max_swap: Duration,
+}
+
+async fn open_ws(addr: SocketAddr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: bench.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await?;
+        head.push(b[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        bail!("upgrade refused: {}", String::from_utf8_lossy(&head));
+    }
+    Ok(s)
+}
+
+async fn ws_ping(s: &mut TcpStream, i: usize) -> bool {
+    let msg = format!("ping {i:08}");
+    let mut back = vec![0u8; msg.len()];
+    let exchange = async {
+        s.write_all(msg.as_bytes()).await?;
+        s.read_exact(&mut back).await?;
+        std::io::Result::Ok(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), exchange).await,
+        Ok(Ok(()))
+    ) && back == msg.as_bytes()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn route_changes(
+    table: &SharedTable,
+    builder: &mut Builder,
+    secret: &Secret,
+    proxy: SocketAddr,
+    echo0: SocketAddr,
+    echo1: SocketAddr,
+    ws: SocketAddr,
+) -> Result<Changes> {
+    const SOCKETS: usize = 50;
+    let mut sockets = Vec::new();
+    for _ in 0..SOCKETS {
+        sockets.push(Some(open_ws(proxy).await?));
+    }
+    let load = tokio::spawn(wrk(proxy, 64, 12));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut max_swap = Duration::ZERO;
+    for i in 0..100 {
+        tick.tick().await;
+        let eps: &[SocketAddr] = if i % 2 == 0 {
+            &[echo0, echo1]
+        } else {
+            &[echo0]
+        };
+        let started = Instant::now();
+        table.store(Arc::new(builder.build(&snapshot(eps, ws, secret, i % 7))));
+        max_swap = max_swap.max(started.elapsed());
+        for (j, slot) in sockets.iter_mut().enumerate() {
+            if let Some(s) = slot
+                && !ws_ping(s, i * SOCKETS + j).await
+            {
+                *slot = None;
+            }
+        }
+    }
+    let wrk = load.await.context("joining wrk")??;
+    let dropped = sockets.iter().filter(|s| s.is_none()).count();
+    Ok(Changes {
+        applied: 100,
+        wrk,
+        websockets: SOCKETS,
+        dropped,
+        max_swap,
+    })
+}
