@@ -72,11 +72,20 @@ fn namespaces() -> &'static weir_api::Resource {
     registry::find("", "v1", "namespaces").unwrap_or(&registry::all()[0])
 }
 
+/// Time between a namespace's delete and the first pass over its contents. Kubernetes'
+/// namespace controller also works after the delete returns, and clients rely on that:
+/// `kubectl delete -f` deletes a namespace and then each object of the manifest in it.
+const FIRST_PASS_AFTER: Duration = Duration::from_secs(2);
+
 /// Delete everything in namespace `name`, then the namespace. Runs until done: objects held
 /// by finalizers or by a node's graceful pod shutdown keep the namespace terminating.
 pub fn spawn_termination(api: Arc<Shared>, name: String) {
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
+        tokio::select! {
+            _ = tokio::time::sleep(FIRST_PASS_AFTER) => {}
+            _ = api.shutdown.cancelled() => return,
+        }
         loop {
             match terminate_once(&api, &name).await {
                 Ok(true) => return,
