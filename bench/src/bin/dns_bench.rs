@@ -2,8 +2,9 @@
 //! static zone. 10,000 ClusterIP Services (one named port each) in 50 namespaces; dnsperf
 //! over loopback UDP with a mix of 70% A of existing Services, 10% SRV, 10% PTR and 10%
 //! names that do not exist. Measures queries/s at saturation, p99 latency at a fixed offered
-//! load (dnsperf -v per-query latencies), and resident memory after loading. Writes the `dns`
-//! section of `docs/benchmarks.md`.
+//! load (dnsperf -v per-query latencies), and resident memory after loading. Then, against a
+//! real `weir server`, the time from a Service create/delete through the API to the DNS answer
+//! that shows it. Writes the `dns` section of `docs/benchmarks.md`.
 //!
 //! Run: `cargo run --release -p weir-bench --bin dns_bench [-- --seconds 10]`.
 //! weir runs as a child process of this binary (so its memory is its own), Knot as `knotd`
@@ -36,6 +37,13 @@ struct Cli {
     /// Offered load (queries/s) of the latency runs.
     #[arg(long, default_value_t = 20_000)]
     latency_qps: u64,
+    /// Services created and deleted through the API server to time change-to-answer.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// The weir binary whose `weir server` the freshness part talks to (default: WEIR_BIN,
+    /// then target/release/weir, then target/debug/weir).
+    #[arg(long)]
+    weir_bin: Option<PathBuf>,
     /// Print the table without writing docs/benchmarks.md.
     #[arg(long)]
     no_write: bool,
@@ -383,6 +391,10 @@ fn main() -> Result<()> {
     let weir_rss_after = rss_kib(weir.0.id())?;
     drop(knot);
     drop(weir);
+    let fresh = match weir_bin(cli.weir_bin.clone()) {
+        Some(bin) => Some(freshness(&bin, &dir.0, cli.changes)?),
+        None => None,
+    };
 
     let mut md = String::new();
     writeln!(md, "## Cluster DNS: weir vs Knot DNS\n")?;
@@ -430,6 +442,55 @@ fn main() -> Result<()> {
         knot_rss as f64 / 1024.0,
         knot_load.as_millis()
     )?;
+    match &fresh {
+        Some(f) => {
+            writeln!(
+                md,
+                "\n### API change → DNS answer\n\n`weir server` (embedded store) on loopback, weir \
+                 DNS watching it through kube-rs; {} Services created one at a time through the \
+                 API, then deleted. Time from the API's acknowledgement of the write to the first \
+                 answer that shows it (the harness re-asks as soon as each answer arrives), and from sending the \
+                 request.\n",
+                cli.changes
+            )?;
+            writeln!(
+                md,
+                "| change | from API ack p50 | p99 | max | from request p50 | p99 |"
+            )?;
+            writeln!(md, "|---|---:|---:|---:|---:|---:|")?;
+            for (what, mut acked, mut sent) in [
+                (
+                    "create → A answer",
+                    f.create_acked.clone(),
+                    f.create_sent.clone(),
+                ),
+                (
+                    "delete → NXDOMAIN",
+                    f.delete_acked.clone(),
+                    f.delete_sent.clone(),
+                ),
+            ] {
+                let p = |s: &mut Vec<Duration>, q| {
+                    weir_bench::percentile(s, q)
+                        .map_or("-".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1e3))
+                };
+                writeln!(
+                    md,
+                    "| {what} | {} | {} | {} | {} | {} |",
+                    p(&mut acked, 50.0),
+                    p(&mut acked, 99.0),
+                    p(&mut acked, 100.0),
+                    p(&mut sent, 50.0),
+                    p(&mut sent, 99.0),
+                )?;
+            }
+        }
+        None => writeln!(
+            md,
+            "\nAPI change → answer latency: not measured in this run (no `weir` binary; build it \
+             with `cargo build --release -p weir` or pass --weir-bin)."
+        )?,
+    }
     writeln!(
         md,
         "\nweir/Knot queries/s: **{:.2}×**. Anchors: CoreDNS's kubernetes plugin is published at \
@@ -443,6 +504,142 @@ fn main() -> Result<()> {
         weir_bench::write_section("dns", &md)?;
     }
     Ok(())
+}
+
+fn weir_bin(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    explicit
+        .or_else(|| std::env::var_os("WEIR_BIN").map(PathBuf::from))
+        .into_iter()
+        .chain([
+            root.join("target/release/weir"),
+            root.join("target/debug/weir"),
+        ])
+        .find(|p| p.exists())
+}
+
+#[derive(Default)]
+struct Freshness {
+    create_acked: Vec<Duration>,
+    create_sent: Vec<Duration>,
+    delete_acked: Vec<Duration>,
+    delete_sent: Vec<Duration>,
+}
+
+/// Create and delete `n` Services through a real `weir server` and time how long each change
+/// takes to show in weir DNS's answers.
+fn freshness(bin: &Path, dir: &Path, n: usize) -> Result<Freshness> {
+    let data = dir.join("apiserver");
+    let api_port = free_port()?;
+    let _api = ChildGuard(
+        Command::new(bin)
+            .arg("server")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", &format!("127.0.0.1:{api_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} server", bin.display()))?,
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let kubeconfig = data.join("kubeconfig");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(kubeconfig.exists()
+            && std::net::TcpStream::connect(("127.0.0.1", api_port)).is_ok())
+        {
+            if Instant::now() > deadline {
+                bail!("weir server did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        let client = kube::Client::try_from(config)?;
+        let dns_port = free_port()?;
+        let args = weir_dns::Args {
+            listen: SocketAddr::from(([127, 0, 0, 1], dns_port)),
+            zone: "cluster.local".into(),
+            ttl: 5,
+            upstreams: Vec::new(),
+            resolv_conf: "/dev/null".into(),
+            forward_timeout_ms: 2000,
+            cache_size: 10_000,
+            udp_workers: 1,
+            no_autopath: false,
+            metrics: None,
+        };
+        let shutdown = CancellationToken::new();
+        let dns = tokio::spawn(weir_dns::run(args, client.clone(), shutdown.clone()));
+        let api: kube::Api<Service> = kube::Api::namespaced(client, "default");
+        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        sock.set_read_timeout(Some(Duration::from_millis(1)))?;
+        let mut f = Freshness::default();
+        let pp = kube::api::PostParams::default();
+        for i in 0..n {
+            let name = format!("fresh-{i}");
+            let fqdn = format!("{name}.default.svc.cluster.local");
+            let mut svc = Cluster {
+                services: 1,
+                namespaces: 1,
+            }
+            .service(0);
+            svc.metadata = ObjectMeta {
+                name: Some(name.clone()),
+                ..Default::default()
+            };
+            if let Some(spec) = svc.spec.as_mut() {
+                spec.cluster_ip = None;
+                spec.cluster_ips = None;
+            }
+            let sent = Instant::now();
+            api.create(&pp, &svc).await?;
+            let acked = Instant::now();
+            wait_rcode(&sock, dns_port, &fqdn, true)?;
+            f.create_acked.push(acked.elapsed());
+            f.create_sent.push(sent.elapsed());
+            let sent = Instant::now();
+            api.delete(&name, &Default::default()).await?;
+            let acked = Instant::now();
+            wait_rcode(&sock, dns_port, &fqdn, false)?;
+            f.delete_acked.push(acked.elapsed());
+            f.delete_sent.push(sent.elapsed());
+        }
+        shutdown.cancel();
+        dns.await??;
+        Ok(f)
+    })
+}
+
+/// Re-ask `name` until it has an answer (`exists`) or is NXDOMAIN (`!exists`); 5 s at most.
+fn wait_rcode(sock: &UdpSocket, port: u16, name: &str, exists: bool) -> Result<()> {
+    let q = probe_query(name)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 1500];
+    while Instant::now() < deadline {
+        sock.send_to(&q, ("127.0.0.1", port))?;
+        if let Ok(n) = sock.recv(&mut buf) {
+            let rcode = buf[3] & 0x0f;
+            let answers = u16::from_be_bytes([buf[6], buf[7]]);
+            if n >= 12
+                && (if exists {
+                    rcode == 0 && answers > 0
+                } else {
+                    rcode == 3
+                })
+            {
+                return Ok(());
+            }
+        }
+    }
+    bail!(
+        "{name} did not {} within 5 s",
+        if exists { "appear" } else { "disappear" }
+    )
 }
 
 fn knot_version() -> String {
