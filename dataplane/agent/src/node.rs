@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event as CoreEvent, Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -588,6 +588,7 @@ pub async fn run(
     let mut node_listing: Option<HashMap<String, Node>> = None;
     let mut publisher = Publisher {
         client: client.clone(),
+        node: name.clone(),
         pending: HashMap::new(),
     };
 
@@ -646,12 +647,49 @@ pub async fn run(
 /// reason to retry on the next heartbeat, so pod status converges after an API outage.
 struct Publisher {
     client: kube::Client,
+    node: String,
     pending: HashMap<String, Update>,
 }
 
 impl Publisher {
     async fn publish(&mut self, update: Update) {
         let (uid, result) = match &update {
+            Update::Event {
+                namespace,
+                name,
+                uid,
+                warning,
+                reason,
+                message,
+            } => {
+                // Events are best effort, as the kubelet's: never retried.
+                let events: Api<CoreEvent> = Api::namespaced(self.client.clone(), namespace);
+                let now = Timestamp::now();
+                let event = json!({
+                    "metadata": {"name": format!("{name}.{:x}", now.as_nanosecond()), "namespace": namespace},
+                    "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": namespace, "name": name, "uid": uid},
+                    "reason": reason,
+                    "message": message,
+                    "type": if *warning { "Warning" } else { "Normal" },
+                    "source": {"component": "kubelet", "host": self.node},
+                    "reportingComponent": "kubelet",
+                    "reportingInstance": self.node,
+                    "firstTimestamp": Time(now),
+                    "lastTimestamp": Time(now),
+                    "count": 1,
+                });
+                let created = match serde_json::from_value::<CoreEvent>(event) {
+                    Ok(event) => events
+                        .create(&PostParams::default(), &event)
+                        .await
+                        .map(drop),
+                    Err(e) => Err(kube::Error::SerdeError(e)),
+                };
+                if let Err(e) = created {
+                    tracing::debug!(pod = %format!("{namespace}/{name}"), error = %e, "cannot record event");
+                }
+                return;
+            }
             Update::Status {
                 namespace,
                 name,

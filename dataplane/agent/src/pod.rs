@@ -61,6 +61,16 @@ pub enum Update {
         uid: String,
         status: Box<PodStatus>,
     },
+    /// Something operators should see in `kubectl describe pod`: a core/v1 Event with the
+    /// kubelet's reasons (Started, Failed, BackOff, Unhealthy, Killing, FailedCreatePodSandBox).
+    Event {
+        namespace: String,
+        name: String,
+        uid: String,
+        warning: bool,
+        reason: &'static str,
+        message: String,
+    },
     /// A deleted pod's processes are gone and its resources released: finish the deletion.
     Gone {
         namespace: String,
@@ -224,6 +234,7 @@ struct State {
     sandbox_error: Option<String>,
     ctrs: Vec<Ctr>,
     events: mpsc::UnboundedSender<Event>,
+    updates: mpsc::UnboundedSender<Update>,
     conditions: BTreeMap<&'static str, (bool, Time)>,
     start_time: Option<Time>,
     last_status: Option<PodStatus>,
@@ -242,7 +253,7 @@ async fn run(
 ) {
     let pod = pod_rx.borrow_and_update().clone();
     let (events, mut event_rx) = mpsc::unbounded_channel();
-    let mut st = State::new(rt, pod, events);
+    let mut st = State::new(rt, pod, events, updates.clone());
     st.adopt();
     loop {
         if st.pod.metadata.deletion_timestamp.is_some() || deleted.is_cancelled() {
@@ -278,7 +289,12 @@ async fn run(
 }
 
 impl State {
-    fn new(rt: Arc<Runtime>, pod: Pod, events: mpsc::UnboundedSender<Event>) -> Self {
+    fn new(
+        rt: Arc<Runtime>,
+        pod: Pod,
+        events: mpsc::UnboundedSender<Event>,
+        updates: mpsc::UnboundedSender<Update>,
+    ) -> Self {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let spec = pod.spec.clone().unwrap_or_default();
         let ctr = |spec: &Container, init| Ctr {
@@ -317,10 +333,22 @@ impl State {
             sandbox_error: None,
             ctrs,
             events,
+            updates,
             conditions: BTreeMap::new(),
             start_time: None,
             last_status: None,
         }
+    }
+
+    fn event(&self, warning: bool, reason: &'static str, message: String) {
+        let _ = self.updates.send(Update::Event {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            uid: self.uid.clone(),
+            warning,
+            reason,
+            message,
+        });
     }
 
     fn restart_policy(&self) -> &str {
@@ -449,8 +477,20 @@ impl State {
                     probe::Event::Failed { message } => {
                         tracing::info!(pod = %self.name, container = %name, %message, "killing container");
                         c.ready = false;
-                        c.kill_reason = Some(message);
-                        if let Some(process) = c.rec.process {
+                        c.kill_reason = Some(message.clone());
+                        let process = c.rec.process;
+                        let kind = if message.starts_with("Startup") {
+                            "startup"
+                        } else {
+                            "liveness"
+                        };
+                        self.event(true, "Unhealthy", message);
+                        self.event(
+                            false,
+                            "Killing",
+                            format!("Container {name} failed {kind} probe, will be restarted"),
+                        );
+                        if let Some(process) = process {
                             let cgroup = self.cgroup.clone();
                             let grace = self.grace();
                             tokio::spawn(async move {
@@ -503,6 +543,18 @@ impl State {
             self.rt.backoff_max,
         );
         self.save(i);
+        self.backoff_event(i);
+    }
+
+    fn backoff_event(&self, i: usize) {
+        let c = &self.ctrs[i];
+        if c.waiting.is_some() {
+            let message = format!(
+                "Back-off restarting failed container {} in pod {}_{}({})",
+                c.spec.name, self.name, self.namespace, self.uid
+            );
+            self.event(true, "BackOff", message);
+        }
     }
 
     fn sandbox_ready(&self) -> bool {
@@ -549,7 +601,9 @@ impl State {
             }
             Err(e) => {
                 tracing::warn!(pod = %self.name, error = %e, "cannot create pod sandbox");
-                self.sandbox_error = Some(format!("Failed to create pod sandbox: {e}"));
+                let message = format!("Failed to create pod sandbox: {e}");
+                self.event(true, "FailedCreatePodSandBox", message.clone());
+                self.sandbox_error = Some(message);
             }
         }
     }
@@ -677,6 +731,7 @@ impl State {
             Ok(env) => env,
             Err(message) => {
                 // Not a run: the container was never created (restartCount stays), retried.
+                self.event(true, "Failed", format!("Error: {message}"));
                 let c = &mut self.ctrs[i];
                 c.waiting = Some(("CreateContainerConfigError".into(), message));
                 c.next_start = Some(Instant::now() + b0);
@@ -727,6 +782,7 @@ impl State {
                 c.rec.process = Some(process);
                 c.rec.started_at = Some(now());
                 self.watch(i, process);
+                self.event(false, "Started", format!("Started container {}", spec.name));
             }
             Err(message) => {
                 tracing::warn!(pod = %self.name, container = %spec.name, %message, "container failed to start");
@@ -739,7 +795,17 @@ impl State {
                     finished_at: now(),
                 };
                 let restart = policy != "Never";
-                schedule(c, term, restart, &pod_label, Some(message), b0, bmax);
+                schedule(
+                    c,
+                    term,
+                    restart,
+                    &pod_label,
+                    Some(message.clone()),
+                    b0,
+                    bmax,
+                );
+                self.event(true, "Failed", format!("Error: {message}"));
+                self.backoff_event(i);
             }
         }
         self.save(i);
@@ -762,6 +828,11 @@ impl State {
         tracing::info!(pod = %self.name, grace_s = grace.as_secs(), "terminating pod");
         for c in &self.ctrs {
             if let Some(p) = c.rec.process {
+                self.event(
+                    false,
+                    "Killing",
+                    format!("Stopping container {}", c.spec.name),
+                );
                 p.signal(Signal::SIGTERM);
             }
         }

@@ -425,6 +425,23 @@ async fn two_nodes_register_claim_cidrs_run_pods_and_route_to_each_other() {
         "{logs}"
     );
 
+    // What `kubectl describe pod` lists under Events.
+    let events: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let started = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|e| {
+            e.involved_object.name.as_deref() == Some("pa")
+                && e.reason.as_deref() == Some("Started")
+        });
+    assert_eq!(
+        started.and_then(|e| e.message).as_deref(),
+        Some("Started container app")
+    );
+
     // Graceful deletion: the agent stops the pod, then finishes the deletion.
     pods.delete("pa", &DeleteParams::default()).await.unwrap();
     eventually("pa deleted", || {
@@ -610,6 +627,7 @@ async fn status_of_a_replaced_pod_is_never_written_to_its_successor() {
         .unwrap();
     let mut publisher = Publisher {
         client: api.client.clone(),
+        node: "n".into(),
         pending: HashMap::new(),
     };
     let status = |phase: &str| {

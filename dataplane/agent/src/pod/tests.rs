@@ -39,6 +39,7 @@ struct Harness {
     stop: CancellationToken,
     statuses: HashMap<String, PodStatus>,
     gone: Vec<String>,
+    events: Vec<(&'static str, String)>,
     uids: Vec<String>,
     _dir: tempfile::TempDir,
     _cgroups: CgroupGuard,
@@ -91,6 +92,7 @@ impl Harness {
             stop,
             statuses: HashMap::new(),
             gone: Vec::new(),
+            events: Vec::new(),
             uids: Vec::new(),
             _dir: dir,
             _cgroups: cgroups,
@@ -141,6 +143,9 @@ impl Harness {
                     self.statuses.insert(uid, *status);
                 }
                 Ok(Some(Update::Gone { uid, .. })) => self.gone.push(uid),
+                Ok(Some(Update::Event {
+                    reason, message, ..
+                })) => self.events.push((reason, message)),
                 _ => panic!(
                     "timed out waiting for {what}; last status: {:#?}",
                     self.statuses.get(&uid)
@@ -158,6 +163,9 @@ impl Harness {
                     self.statuses.insert(uid, *status);
                 }
                 Ok(Some(Update::Gone { uid, .. })) => self.gone.push(uid),
+                Ok(Some(Update::Event {
+                    reason, message, ..
+                })) => self.events.push((reason, message)),
                 _ => panic!("pod {uid} was not torn down"),
             }
         }
@@ -350,6 +358,16 @@ async fn missing_command_waits_with_a_clear_reason_and_backs_off() {
         );
     }
     assert!(!ready(&s));
+    let failed = h.events.iter().find(|(r, _)| *r == "Failed").unwrap();
+    assert!(
+        failed.1.starts_with("Error: exec: \"/no/such/binary\""),
+        "{failed:?}"
+    );
+    assert!(
+        h.events
+            .iter()
+            .any(|(r, m)| *r == "BackOff" && m.contains("container app"))
+    );
     h.delete(&pod).await;
 }
 
