@@ -1,6 +1,7 @@
-//! A real etcd server for tests: [`EtcdProcess`] runs `/usr/bin/etcd` (Debian etcd-server)
-//! on free loopback ports with a temporary data dir, and kills it on drop. It can be stopped
-//! and started again on the same ports and data, to test what happens while etcd is away.
+//! A real etcd server for tests: [`EtcdProcess`] runs `etcd` (from PATH, else Debian
+//! etcd-server's `/usr/bin/etcd`) on free loopback ports with a temporary data dir, and
+//! kills it on drop. It can be stopped and started again on the same ports and data, or
+//! frozen, to test what happens while etcd is away or hung.
 //!
 //! Public (not test-only) because the API server's tests and the end-to-end tests reuse it.
 
@@ -203,7 +204,7 @@ impl Drop for EtcdProcess {
 }
 
 fn spawn_etcd(args: &[String], out: File, err: File) -> Result<Child, HarnessError> {
-    let binary = etcd_binary().ok_or(HarnessError::EtcdMissing)?;
+    let binary = find_etcd(std::env::var_os("PATH"), Path::new(DEBIAN_ETCD))?;
     Command::new(&binary)
         .args(args)
         .stdin(Stdio::null())
@@ -213,15 +214,20 @@ fn spawn_etcd(args: &[String], out: File, err: File) -> Result<Child, HarnessErr
         .map_err(io(format!("starting {}", binary.display())))
 }
 
-/// `etcd` on PATH, else Debian's /usr/bin/etcd.
-fn etcd_binary() -> Option<PathBuf> {
-    let on_path = std::env::var_os("PATH")
+/// Where Debian's etcd-server package installs etcd.
+const DEBIAN_ETCD: &str = "/usr/bin/etcd";
+
+/// `etcd` on `path` (a PATH value), else `fallback`.
+fn find_etcd(path: Option<std::ffi::OsString>, fallback: &Path) -> Result<PathBuf, HarnessError> {
+    let on_path = path
+        .map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .unwrap_or_default()
         .into_iter()
-        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
         .map(|dir| dir.join("etcd"));
     on_path
-        .chain([PathBuf::from("/usr/bin/etcd")])
+        .chain([fallback.to_path_buf()])
         .find(|p| p.is_file())
+        .ok_or(HarnessError::EtcdMissing)
 }
 
 /// A loopback port nobody listens on now. etcd binds it a moment later; a race with another
@@ -244,4 +250,36 @@ fn log_tail(path: &Path) -> String {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     };
     read().unwrap_or_else(|e| format!("(log {} unreadable: {e})", PathBuf::from(path).display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_etcd_says_how_to_install_it() {
+        let empty = tempfile::tempdir().expect("temp dir");
+        let err = find_etcd(Some(empty.path().into()), &empty.path().join("etcd"))
+            .expect_err("no etcd in an empty dir");
+        assert!(
+            err.to_string().contains("apt-get install etcd-server"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn stop_and_start_again_keep_data_and_ports() {
+        let mut etcd = EtcdProcess::start().await.expect("start etcd");
+        let url = etcd.client_url();
+        let store = EtcdStore::connect(std::slice::from_ref(&url))
+            .await
+            .expect("connect");
+        store.create("/k", b"v".to_vec()).await.expect("create");
+        etcd.stop();
+        etcd.stop();
+        etcd.start_again().await.expect("start again");
+        assert_eq!(etcd.client_url(), url);
+        let store = EtcdStore::connect(&[url]).await.expect("reconnect");
+        assert!(store.get("/k").await.expect("get").is_some(), "data kept");
+    }
 }
