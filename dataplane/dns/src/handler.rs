@@ -30,9 +30,19 @@ pub enum Action {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Forward {
     pub qtype: u16,
-    /// For autopath: the name the client's search path was applied to (`google.com.` for
+    pub kind: ForwardKind,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ForwardKind {
+    /// A name outside the cluster zone: ask upstream.
+    Upstream,
+    /// Autopath: the name the client's search path was applied to (`google.com.` for
     /// `google.com.<ns>.svc.<zone>.` asked by a pod in `<ns>`).
-    pub autopath: Option<String>,
+    Autopath(String),
+    /// An ExternalName Service: the CNAME is ours, its target is resolved and appended, as
+    /// stub resolvers do not chase CNAMEs themselves.
+    ChaseCname,
 }
 
 /// The cluster zone's query handler.
@@ -139,13 +149,13 @@ impl Handler {
         let snap = self.zone.load();
         if let Some(apex) = q.zone_start(&self.zone_wire) {
             if let Some(entry) = snap.lookup(q.name()) {
-                return self.answer_entry(msg, q, entry, Some(apex), limit, out);
+                return self.answer_entry(msg, q, entry, Some(apex), client.is_some(), limit, out);
             }
             let autopath = client.and_then(|c| self.autopath_base(q, apex, &snap, c));
             if let Some(autopath) = autopath {
                 return Action::Forward(Forward {
                     qtype: q.qtype,
-                    autopath: Some(autopath),
+                    kind: ForwardKind::Autopath(autopath),
                 });
             }
             let parts = AnswerParts {
@@ -161,20 +171,23 @@ impl Handler {
         // every other name, belongs upstream.
         let reverse = q.name().ends_with(IN_ADDR_ARPA) || q.name().ends_with(IP6_ARPA);
         if reverse && let Some(entry) = snap.lookup(q.name()) {
-            return self.answer_entry(msg, q, entry, None, limit, out);
+            return self.answer_entry(msg, q, entry, None, false, limit, out);
         }
         Action::Forward(Forward {
             qtype: q.qtype,
-            autopath: None,
+            kind: ForwardKind::Upstream,
         })
     }
 
+    /// `chase`: hand a CNAME-only answer to the asynchronous path to resolve its target.
+    #[allow(clippy::too_many_arguments)]
     fn answer_entry(
         &self,
         msg: &[u8],
         q: &Query,
         entry: &crate::zone::Entry,
         apex: Option<usize>,
+        chase: bool,
         limit: usize,
         out: &mut Vec<u8>,
     ) -> Action {
@@ -184,7 +197,16 @@ impl Handler {
         } else {
             q.qtype
         };
-        let records = entry.records(qtype).or_else(|| entry.cname());
+        let mut records = entry.records(qtype);
+        if records.is_none() {
+            records = entry.cname();
+            if chase && records.is_some() {
+                return Action::Forward(Forward {
+                    qtype: q.qtype,
+                    kind: ForwardKind::ChaseCname,
+                });
+            }
+        }
         let parts = match records {
             Some((answers, answer_count)) => AnswerParts {
                 rcode: Rcode::NoError,

@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::{Answer, Forwarder};
-use crate::handler::{Action, Forward, Handler, Transport};
+use crate::handler::{Action, Forward, ForwardKind, Handler, Transport};
 use crate::metrics::Metrics;
 use crate::wire::{self, Rcode};
 
@@ -299,9 +299,10 @@ impl Server {
         let req = Message::from_vec(msg).ok()?;
         let query = req.queries.first()?.clone();
         let qtype = query.query_type();
-        let answer = match &fwd.autopath {
-            Some(base) => self.autopath(query.name(), base, qtype).await,
-            None => Some(self.forwarder.resolve(query.name(), qtype).await),
+        let answer = match &fwd.kind {
+            ForwardKind::Autopath(base) => self.autopath(query.name(), base, qtype).await,
+            ForwardKind::ChaseCname => self.chase_cname(query.name(), qtype).await,
+            ForwardKind::Upstream => Some(self.forwarder.resolve(query.name(), qtype).await),
         };
         let answer = answer?;
         let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
@@ -364,6 +365,24 @@ impl Server {
             }
         }
         self.resolve_local(asked, qtype)
+    }
+
+    /// The zone's CNAME for `asked` followed by the answer for its target (one step: a
+    /// target that is itself an ExternalName is left to the client).
+    async fn chase_cname(&self, asked: &Name, qtype: RecordType) -> Option<Arc<Answer>> {
+        let local = self.resolve_local(asked, qtype)?;
+        let target = local.answers.iter().find_map(|r| match &r.data {
+            RData::CNAME(c) => Some(c.0.clone()),
+            _ => None,
+        })?;
+        let tail = self.resolve_any(&target, qtype).await?;
+        let mut answers = local.answers.clone();
+        answers.extend(tail.answers.iter().cloned());
+        Some(Arc::new(Answer {
+            rcode: tail.rcode,
+            answers,
+            authorities: tail.authorities.clone(),
+        }))
     }
 
     /// A name in the cluster zone from the snapshot, anything else through the forwarder.

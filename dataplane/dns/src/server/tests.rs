@@ -203,7 +203,12 @@ async fn cluster_records_are_answered_over_udp_and_tcp() {
         other => panic!("expected PTR, got {other:?}"),
     }
 
-    let m = udp(dns.addr, "ext.default.svc.cluster.local.", RecordType::A).await;
+    let m = udp(
+        dns.addr,
+        "ext.default.svc.cluster.local.",
+        RecordType::CNAME,
+    )
+    .await;
     assert!(matches!(&m.answers[0].data, RData::CNAME(c) if c.0.to_ascii() == "example.com."));
 
     let m = udp(dns.addr, "dns-version.cluster.local.", RecordType::TXT).await;
@@ -315,6 +320,18 @@ async fn forwarding_coalesces_in_flight_queries_and_caches_answers() {
     );
     assert!(dns.server.metrics.cache_hits.get() >= 1);
     assert!(dns.server.metrics.coalesced.get() >= 1);
+
+    // An ExternalName's CNAME comes with the answer for its target.
+    let mut dns = dns;
+    let mut ext = service("default", "ext", "", &[]);
+    let spec = ext.spec.as_mut().unwrap();
+    spec.type_ = Some("ExternalName".into());
+    spec.external_name = Some("www.example".into());
+    dns.zone.apply_service(&ext);
+    dns.zone.publish();
+    let m = udp(addr, "ext.default.svc.cluster.local.", RecordType::A).await;
+    assert!(matches!(&m.answers[0].data, RData::CNAME(c) if c.0.to_ascii() == "www.example."));
+    assert_eq!(a_records(&m), ["192.0.2.1"]);
 
     // Negative answers are cached too.
     for _ in 0..2 {
