@@ -524,3 +524,35 @@ async fn dig_gets_the_answers() {
         "0 100 80 hello.default.svc.cluster.local."
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_over_http() {
+    let mut dns = start(args(vec![], 300), &[]).await;
+    dns.zone
+        .apply_service(&service("default", "hello", "10.96.0.20", &[]));
+    dns.zone.publish();
+    udp(dns.addr, "hello.default.svc.cluster.local.", RecordType::A).await;
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    crate::serve_metrics(addr, dns.server.metrics.clone(), dns.shutdown.clone())
+        .await
+        .unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
+    assert!(
+        body.contains(r#"weir_dns_queries_total{type="A",rcode="NOERROR"} 1"#),
+        "{body}"
+    );
+    assert!(
+        body.contains("weir_dns_forward_latency_seconds_bucket"),
+        "{body}"
+    );
+    assert!(body.contains("weir_dns_cache_hits_total 0"), "{body}");
+}
