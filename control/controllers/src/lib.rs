@@ -9,3 +9,24 @@ pub mod nodelifecycle;
 pub mod replicaset;
 pub mod runtime;
 pub mod util;
+
+use std::future::Future;
+
+use futures::FutureExt;
+
+/// Settings of the controllers that have any.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    pub node_lifecycle: nodelifecycle::Config,
+}
+
+/// Run every controller against `client` until `shutdown` resolves.
+pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Output = ()>) {
+    let shutdown = shutdown.shared();
+    tokio::join!(
+        endpointslice::run(client.clone(), shutdown.clone()),
+        replicaset::run(client.clone(), shutdown.clone()),
+        deployment::run(client.clone(), shutdown.clone()),
+        nodelifecycle::run(client, config.node_lifecycle, shutdown),
+    );
+}

@@ -183,11 +183,13 @@ fn filter(pod: &PodInfo, node: &NodeInfo, pre: &PreState<'_>) -> Result<(), Vec<
 }
 
 /// The scheduling core: a snapshot plus the round-robin position.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Scheduler {
     pub snapshot: Snapshot,
     config: Config,
     next_start: usize,
+    /// xorshift state for picking among equally scored nodes.
+    rng: u64,
 }
 
 impl Scheduler {
@@ -196,6 +198,7 @@ impl Scheduler {
             snapshot: Snapshot::new(),
             config,
             next_start: 0,
+            rng: 0x9e37_79b9_7f4a_7c15,
         }
     }
 
@@ -248,7 +251,7 @@ impl Scheduler {
         if feasible.is_empty() {
             return Err(FitError { nodes, reasons });
         }
-        let best = score(pod, snap, &pre, &feasible);
+        let best = score(pod, snap, &pre, &feasible, &mut self.rng);
         Ok(snap.node(best).name.clone())
     }
 
@@ -261,8 +264,15 @@ impl Scheduler {
     }
 }
 
-/// The feasible node with the highest weighted score (first one on ties).
-fn score(pod: &PodInfo, snap: &Snapshot, pre: &PreState<'_>, feasible: &[usize]) -> usize {
+/// The feasible node with the highest weighted score; ties are broken at random (reservoir
+/// sampling, as kube-scheduler does), so equal nodes fill evenly.
+fn score(
+    pod: &PodInfo,
+    snap: &Snapshot,
+    pre: &PreState<'_>,
+    feasible: &[usize],
+    rng: &mut u64,
+) -> usize {
     let n = feasible.len();
     let mut node_aff = Vec::with_capacity(n);
     let mut pod_aff = Vec::with_capacity(n);
@@ -298,6 +308,7 @@ fn score(pod: &PodInfo, snap: &Snapshot, pre: &PreState<'_>, feasible: &[usize])
     );
     let max_spread = spread.iter().copied().max().unwrap_or(0);
     let mut best = (i64::MIN, feasible[0]);
+    let mut ties = 0u64;
     for i in 0..n {
         let na = if max_aff > 0 {
             node_aff[i] * 100 / max_aff
@@ -317,6 +328,15 @@ fn score(pod: &PodInfo, snap: &Snapshot, pre: &PreState<'_>, feasible: &[usize])
         let total = base[i] + W_NODE_AFFINITY * na + W_POD_AFFINITY * pa + W_SPREAD * sp;
         if total > best.0 {
             best = (total, feasible[i]);
+            ties = 1;
+        } else if total == best.0 {
+            ties += 1;
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            if *rng % ties == 0 {
+                best.1 = feasible[i];
+            }
         }
     }
     best.1
