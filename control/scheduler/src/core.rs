@@ -334,7 +334,7 @@ fn score(
             *rng ^= *rng << 13;
             *rng ^= *rng >> 7;
             *rng ^= *rng << 17;
-            if *rng % ties == 0 {
+            if rng.is_multiple_of(ties) {
                 best.1 = feasible[i];
             }
         }
