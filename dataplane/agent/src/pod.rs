@@ -235,7 +235,7 @@ struct State {
     ctrs: Vec<Ctr>,
     events: mpsc::UnboundedSender<Event>,
     updates: mpsc::UnboundedSender<Update>,
-    conditions: BTreeMap<&'static str, (bool, Time)>,
+    conditions: BTreeMap<String, (bool, Time)>,
     start_time: Option<Time>,
     last_status: Option<PodStatus>,
 }
@@ -317,6 +317,17 @@ impl State {
             .map(|c| ctr(c, true))
             .collect();
         ctrs.extend(spec.containers.iter().map(|c| ctr(c, false)));
+        // What the API already shows (an agent restart) keeps its times.
+        let conditions = pod
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .filter_map(|c| {
+                let time = c.last_transition_time.clone()?;
+                Some((c.type_.clone(), (c.status == "True", time)))
+            })
+            .collect();
+        let start_time = pod.status.as_ref().and_then(|s| s.start_time.clone());
         Self {
             dir: rt.pod_dir(&uid),
             cgroup: rt.cgroups.pod(&uid),
@@ -334,8 +345,8 @@ impl State {
             ctrs,
             events,
             updates,
-            conditions: BTreeMap::new(),
-            start_time: None,
+            conditions,
+            start_time,
             last_status: None,
         }
     }
@@ -409,7 +420,7 @@ impl State {
             }
         }
         if self.ctrs.iter().any(|c| c.rec.starts > 0) {
-            self.start_time = Some(now());
+            self.start_time.get_or_insert_with(now);
         }
     }
 
@@ -429,8 +440,10 @@ impl State {
             }
         });
         c.tasks.push(wait.abort_handle());
-        c.started = false;
-        c.ready = false;
+        // Without probes a running container is started and ready at once, also when it is
+        // adopted after an agent restart: its Ready condition must not flap.
+        c.started = c.spec.startup_probe.is_none();
+        c.ready = c.started && c.spec.readiness_probe.is_none();
         if c.init {
             return;
         }
@@ -871,7 +884,7 @@ impl State {
     fn set_condition(&mut self, kind: &'static str, value: bool) -> PodCondition {
         let entry = self
             .conditions
-            .entry(kind)
+            .entry(kind.to_string())
             .or_insert_with(|| (value, now()));
         if entry.0 != value {
             *entry = (value, now());

@@ -564,6 +564,18 @@ async fn agent_survives_kill_9_adopts_running_pods_and_status_converges() {
     let steady = eventually("steady running", || ready("steady")).await;
     let victim = eventually("victim running", || ready("victim")).await;
     let (steady_id, _) = container_status(&steady);
+    // Read again: the Ready transition may have been written after the first Running status.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let steady_times = {
+        let s = pods.get("steady").await.unwrap().status.unwrap();
+        let ready = s
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        (s.start_time, ready.last_transition_time)
+    };
     let (victim_id, _) = container_status(&victim);
 
     agent.kill_9();
@@ -607,6 +619,21 @@ async fn agent_survives_kill_9_adopts_running_pods_and_status_converges() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let steady = pods.get("steady").await.unwrap();
     assert!(running_and_ready(&steady));
+    let times = |p: &Pod| {
+        let s = p.status.clone().unwrap();
+        let ready = s
+            .conditions
+            .unwrap()
+            .into_iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        (s.start_time, ready.last_transition_time)
+    };
+    assert_eq!(
+        times(&steady),
+        steady_times,
+        "adoption keeps startTime and transition times"
+    );
     assert_eq!(
         container_status(&steady),
         (steady_id, 0),
