@@ -1,11 +1,13 @@
 //! Startup, readiness and liveness probes of one running container: httpGet and tcpSocket
 //! connect from inside the pod's network namespace (the pod IP is not reachable from the
 //! node's namespace in tests, and a probe must see what a peer pod sees), exec runs in the
-//! container's namespaces through util-linux `nsenter`. Period, timeout, initial delay and
+//! container's namespaces through util-linux `nsenter`. HTTPS probes skip certificate
+//! verification, as the kubelet's do. Period, timeout, initial delay and
 //! success/failure thresholds follow the Kubernetes defaults when unset.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Empty;
@@ -90,13 +92,10 @@ pub async fn check(probe: &Probe, container: &Container, target: &Target) -> Res
     let timeout = Settings::of(probe).timeout;
     let attempt = async {
         if let Some(http) = &probe.http_get {
-            if http
+            let https = http
                 .scheme
                 .as_deref()
-                .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"))
-            {
-                return Err("HTTPS probes are not supported by weir's agent yet".to_string());
-            }
+                .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
             let host: IpAddr = match http.host.as_deref() {
                 Some(h) if !h.is_empty() => {
                     h.parse().map_err(|_| format!("invalid probe host {h:?}"))?
@@ -105,15 +104,25 @@ pub async fn check(probe: &Probe, container: &Container, target: &Target) -> Res
             };
             let port = port(&http.port, container)?;
             let path = http.path.as_deref().unwrap_or("/");
-            let url = format!("http://{host}:{port}{path}");
+            let url = format!(
+                "{}://{host}:{port}{path}",
+                if https { "https" } else { "http" }
+            );
             let stream =
                 crate::network::connect_in(&target.netns, SocketAddr::new(host, port), timeout)
                     .await
                     .map_err(|e| format!("Get \"{url}\": dial tcp {host}:{port}: {e}"))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("Get \"{url}\": {e}"))?;
-            tokio::spawn(conn);
+            let mut sender = if https {
+                let name = rustls::pki_types::ServerName::IpAddress(host.into());
+                let tls = tokio_rustls::TlsConnector::from(insecure_tls())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("Get \"{url}\": tls: {e}"))?;
+                handshake(tls).await
+            } else {
+                handshake(stream).await
+            }
+            .map_err(|e| format!("Get \"{url}\": {e}"))?;
             let mut req = hyper::Request::get(path)
                 .header(hyper::header::HOST, format!("{host}:{port}"))
                 .header(hyper::header::USER_AGENT, "kube-probe/1.33");
@@ -177,6 +186,91 @@ pub async fn check(probe: &Probe, container: &Container, target: &Target) -> Res
     match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(format!("probe timed out after {}s", timeout.as_secs())),
+    }
+}
+
+/// An HTTP/1.1 connection over `io`, driven in the background.
+async fn handshake<T>(
+    io: T,
+) -> hyper::Result<hyper::client::conn::http1::SendRequest<Empty<bytes::Bytes>>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// TLS for HTTPS probes. Like the kubelet's, they do not verify the server's certificate
+/// (pods serve certificates for their service names, not for the pod IP the probe dials);
+/// handshake signatures are still checked.
+fn insecure_tls() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(rustls::ALL_VERSIONS)
+                .map(|b| {
+                    b.dangerous()
+                        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                        .with_no_client_auth()
+                });
+            // Only fails for a provider without the protocol versions ring always has.
+            Arc::new(config.unwrap_or_else(|_| {
+                rustls::ClientConfig::builder()
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth()
+            }))
+        })
+        .clone()
+}
+
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -282,3 +376,6 @@ pub async fn supervise(container: Container, target: Target, report: impl Fn(Eve
         () = liveness => {}
     }
 }
+
+#[cfg(test)]
+mod tests;
