@@ -1,9 +1,9 @@
 //! Startup, readiness and liveness probes of one running container: httpGet and tcpSocket
-//! connect from inside the pod's network namespace (the pod IP is not reachable from the
-//! node's namespace in tests, and a probe must see what a peer pod sees), exec runs in the
-//! container's namespaces through util-linux `nsenter`. HTTPS probes skip certificate
-//! verification, as the kubelet's do. Period, timeout, initial delay and
-//! success/failure thresholds follow the Kubernetes defaults when unset.
+//! connect from inside the pod's network namespace (the agent process may run outside the
+//! namespace that holds the pod network, as in tests, and a probe must see what the pod's
+//! own processes see); exec runs in the container's namespaces through util-linux
+//! `nsenter`. HTTPS probes skip certificate verification, as the kubelet's do. Period,
+//! timeout, initial delay and success/failure thresholds follow the Kubernetes defaults.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
