@@ -90,6 +90,8 @@ pub(crate) struct Shared {
     listen: SocketAddr,
     /// Cancelled on shutdown: ends watches and background tasks.
     shutdown: CancellationToken,
+    /// Namespaces last seen open, and when (see `rest::check_namespace_open`).
+    open_namespaces: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// A bound, not yet serving API server.
@@ -143,6 +145,7 @@ impl Server {
             pki,
             listen,
             shutdown: CancellationToken::new(),
+            open_namespaces: Default::default(),
         });
         Ok(Self {
             listener,

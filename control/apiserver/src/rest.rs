@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -676,6 +677,12 @@ fn namespaces() -> &'static Resource {
     registry::find("", "v1", "namespaces").unwrap_or(&registry::all()[0])
 }
 
+/// How long a namespace seen open is trusted without reading it again. Like the informer
+/// cache of kube-apiserver's NamespaceLifecycle admission, this saves a store read per
+/// create; an object that slips into a namespace that began terminating within this window
+/// is removed by the termination, which runs until the namespace is empty.
+const OPEN_NAMESPACE_TTL: Duration = Duration::from_secs(1);
+
 /// A namespaced create needs its namespace to exist and not be terminating.
 async fn check_namespace_open(
     api: &Shared,
@@ -683,6 +690,14 @@ async fn check_namespace_open(
     res: &Resource,
     name: &str,
 ) -> Result<(), ApiError> {
+    let seen = api
+        .open_namespaces
+        .lock()
+        .ok()
+        .and_then(|m| m.get(ns).copied());
+    if seen.is_some_and(|t| t.elapsed() < OPEN_NAMESPACE_TTL) {
+        return Ok(());
+    }
     let nsres = namespaces();
     let kv = api
         .store
@@ -699,6 +714,9 @@ async fn check_namespace_open(
                 "unable to create new content in namespace {ns} because it is being terminated"
             ),
         ));
+    }
+    if let Ok(mut m) = api.open_namespaces.lock() {
+        m.insert(ns.to_string(), Instant::now());
     }
     Ok(())
 }
@@ -1098,6 +1116,9 @@ pub async fn delete(
                 m.insert("deletionGracePeriodSeconds".into(), json!(0));
                 obj["spec"]["finalizers"] = json!(["kubernetes"]);
                 obj["status"]["phase"] = json!("Terminating");
+            }
+            if let Ok(mut open) = api.open_namespaces.lock() {
+                open.remove(name);
             }
             true
         } else if !meta::finalizers_empty(&obj) {
