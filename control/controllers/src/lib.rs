@@ -30,3 +30,6 @@ pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Out
         nodelifecycle::run(client, config.node_lifecycle, shutdown),
     );
 }
+
+#[cfg(test)]
+mod tests;

@@ -94,6 +94,9 @@ pub fn plan(rs: &ReplicaSet, pods: &[Arc<Pod>], now: Timestamp) -> Result<Plan> 
         .and_then(|m| m.labels.clone())
         .unwrap_or_default();
     let min_ready = spec.min_ready_seconds.unwrap_or(0);
+    // Status describes the pods as they are once this plan's deletions are made: a Deployment
+    // scaling down by availability must never count a pod that is on its way out.
+    active.retain(|p| !plan.delete.contains(&p.name_any()));
     let count = |f: &dyn Fn(&Pod) -> bool| active.iter().filter(|p| f(p)).count() as i32;
     plan.status = ReplicaSetStatus {
         replicas: active.len() as i32,
@@ -224,10 +227,15 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Next> {
     let pods = ctx
         .pods
         .state_filter(|p| p.metadata.namespace.as_deref() == Some(ns.as_str()));
-    if !ctx.satisfied(&key, &pods) {
-        return Ok(Next::After(Duration::from_secs(1)));
+    let mut plan = plan(&rs, &pods, Timestamp::now())?;
+    // Until earlier creations and deletions show up, only the status is kept current (as
+    // kube-controller-manager does); acting now would repeat them.
+    let acting = ctx.satisfied(&key, &pods);
+    if !acting {
+        plan.adopt.clear();
+        plan.create = 0;
+        plan.delete.clear();
     }
-    let plan = plan(&rs, &pods, Timestamp::now())?;
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for name in &plan.adopt {
         let Some(pod) = pods.iter().find(|p| p.name_any() == *name) else {
@@ -288,6 +296,9 @@ async fn reconcile(rs: Arc<ReplicaSet>, ctx: Arc<Ctx>) -> Result<Next> {
             )
             .await
             .context(|| format!("updating status of {key}"))?;
+    }
+    if !acting {
+        return Ok(Next::After(Duration::from_secs(1)));
     }
     // minReadySeconds makes availability change without any event.
     let min_ready = rs

@@ -96,6 +96,11 @@ fn deletes_the_most_expendable_pods_first() {
     ];
     let p = plan(&rs(1), &pods, now()).expect("plan");
     assert_eq!(p.delete, ["unscheduled", "not-ready", "running-new"]);
+    // Status already leaves out the pods being deleted.
+    assert_eq!(
+        (p.status.replicas, p.status.available_replicas),
+        (1, Some(1))
+    );
 }
 
 #[test]
