@@ -316,6 +316,14 @@ impl PodNetwork {
         Ok(())
     }
 
+    /// The node's own network namespace, where host-network pods run.
+    pub fn node_netns_path(&self) -> PathBuf {
+        match &self.node_netns {
+            Some(ns) => Path::new("/run/netns").join(ns),
+            None => PathBuf::from("/proc/self/ns/net"),
+        }
+    }
+
     /// The namespace name of a pod: derived from its UID, so it is unique across nodes that
     /// share one kernel (the two-node test) and found again after an agent restart.
     pub fn netns_name(uid: &str) -> String {

@@ -362,6 +362,26 @@ impl State {
         });
     }
 
+    fn host_network(&self) -> bool {
+        self.pod.spec.as_ref().and_then(|s| s.host_network) == Some(true)
+    }
+
+    /// The network namespace the pod's containers join.
+    fn netns_path(&self) -> PathBuf {
+        match &self.net {
+            Some(net) if !self.host_network() => net.netns_path(),
+            _ => self.rt.network.node_netns_path(),
+        }
+    }
+
+    /// A host-network pod's "network": the node's namespace and address.
+    fn host_net(&self) -> PodNet {
+        PodNet {
+            netns: String::new(),
+            ip: self.rt.node_ip,
+        }
+    }
+
     fn restart_policy(&self) -> &str {
         self.pod
             .spec
@@ -402,7 +422,12 @@ impl State {
     /// Picks up what an earlier agent left: the sandbox and container records, watching
     /// processes that still run and treating the others as exited.
     fn adopt(&mut self) {
-        if let Ok(Some(net)) = self.rt.network.existing(&self.uid) {
+        if self.host_network() {
+            // Its sandbox is only the state directory and cgroups: built if pod.json is there.
+            if self.dir.join("pod.json").exists() {
+                self.net = Some(self.host_net());
+            }
+        } else if let Ok(Some(net)) = self.rt.network.existing(&self.uid) {
             self.net = Some(net);
         }
         for i in 0..self.ctrs.len() {
@@ -426,6 +451,7 @@ impl State {
 
     /// Starts the tasks that wait for a run's exit and run its probes.
     fn watch(&mut self, i: usize, process: Process) {
+        let netns = self.netns_path();
         let c = &mut self.ctrs[i];
         c.run += 1;
         let run = c.run;
@@ -449,7 +475,7 @@ impl State {
         }
         let Some(net) = &self.net else { return };
         let target = probe::Target {
-            netns: net.netns_path(),
+            netns,
             pod_ip: net.ip,
             shim_pid: process.pid,
         };
@@ -593,16 +619,17 @@ impl State {
                 uid: self.uid.clone(),
             };
             let meta = serde_json::to_vec(&meta).map_err(|e| e.to_string())?;
-            std::fs::write(self.dir.join("pod.json"), meta).map_err(|e| e.to_string())?;
             self.cgroup.create(limits).map_err(|e| e.to_string())?;
-            let net = self
-                .rt
-                .network
-                .setup_pod(&self.uid)
-                .await
-                .map_err(|e| e.to_string())?;
+            let net = if self.host_network() {
+                self.host_net()
+            } else {
+                let setup = self.rt.network.setup_pod(&self.uid).await;
+                setup.map_err(|e| e.to_string())?
+            };
             self.write_dns_files(net.ip)
                 .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+            // Written last: its presence means the sandbox is complete (see `adopt`).
+            std::fs::write(self.dir.join("pod.json"), meta).map_err(|e| e.to_string())?;
             Ok(net)
         }
         .await;
@@ -625,7 +652,13 @@ impl State {
     fn write_dns_files(&self, ip: Ipv4Addr) -> std::io::Result<()> {
         let spec = self.pod.spec.clone().unwrap_or_default();
         let domain = &self.rt.cluster_domain;
-        let (mut nameservers, mut searches, mut options) = match spec.dns_policy.as_deref() {
+        // ClusterFirst falls back to the node's resolver for host-network pods; they opt in
+        // to cluster DNS with ClusterFirstWithHostNet.
+        let policy = match (self.host_network(), spec.dns_policy.as_deref()) {
+            (true, None | Some("ClusterFirst")) => Some("Default"),
+            (_, policy) => policy,
+        };
+        let (mut nameservers, mut searches, mut options) = match policy {
             Some("Default") => {
                 let node = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
                 let mut ns = Vec::new();
@@ -762,23 +795,33 @@ impl State {
                 std::fs::create_dir_all(self.dir.join(&spec.name)).map_err(|e| e.to_string())?;
                 Ok(procs)
             });
-        let hostname = self
-            .pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.hostname.clone())
-            .unwrap_or_else(|| self.name.clone());
+        let host_network = self.host_network();
+        // A host-network pod shares the node's name, as under the kubelet.
+        let hostname = if host_network {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| self.rt.node_name.clone())
+        } else {
+            self.pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.hostname.clone())
+                .unwrap_or_else(|| self.name.clone())
+        };
+        let netns = self.netns_path();
+        let mut bind_mounts = vec![(self.dir.join("resolv.conf"), "/etc/resolv.conf".into())];
+        if !host_network {
+            bind_mounts.push((self.dir.join("hosts"), "/etc/hosts".into()));
+        }
         let result = prepared.and_then(|cgroup_procs| {
             runtime::spawn(&ProcessSpec {
                 argv,
                 env,
                 working_dir: spec.working_dir.clone(),
-                netns: net.netns_path(),
+                netns,
                 hostname,
-                bind_mounts: vec![
-                    (self.dir.join("resolv.conf"), "/etc/resolv.conf".into()),
-                    (self.dir.join("hosts"), "/etc/hosts".into()),
-                ],
+                bind_mounts,
                 cgroup_procs,
                 log,
                 exit_file,

@@ -556,3 +556,46 @@ async fn a_restarted_agent_adopts_running_containers() {
     assert_eq!(after.pod_ip, before.pod_ip);
     h.delete(&pod).await;
 }
+
+#[tokio::test]
+async fn host_network_pods_run_in_the_nodes_namespace() {
+    let mut h = Harness::new().await;
+    let argv = ["sh", "-c", "grep -c weir0 /proc/net/dev; sleep 300"];
+    let mut pod = h.pod("host", "Always", vec![], vec![container("app", &argv)]);
+    pod.spec.as_mut().unwrap().host_network = Some(true);
+    let plain = h.pod("plain", "Always", vec![], vec![container("app", &argv)]);
+    h.agent.sync(pod.clone());
+    h.agent.sync(plain.clone());
+    let s = h.wait(&pod, "host pod ready", ready).await;
+    assert_eq!(
+        s.pod_ip.as_deref(),
+        Some("192.168.50.1"),
+        "a host-network pod has the node's IP"
+    );
+    h.wait(&plain, "plain pod ready", ready).await;
+    let log = |p: &Pod| {
+        let dir = h
+            .agent
+            .runtime()
+            .pod_dir(p.metadata.uid.as_deref().unwrap());
+        std::fs::read_to_string(run_files(&dir, "app", 0).0).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (log(&pod).is_empty() || log(&plain).is_empty()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(log(&pod), "1\n", "the node's bridge is visible");
+    assert_eq!(log(&plain), "0\n", "a pod's own namespace has no bridge");
+    let node_dns = h
+        .agent
+        .runtime()
+        .pod_dir(pod.metadata.uid.as_deref().unwrap())
+        .join("resolv.conf");
+    assert!(
+        !std::fs::read_to_string(node_dns)
+            .unwrap()
+            .contains("10.96.0.10")
+    );
+    h.delete(&pod).await;
+    h.delete(&plain).await;
+}
