@@ -373,16 +373,12 @@ async fn missing_command_waits_with_a_clear_reason_and_backs_off() {
 
 #[tokio::test]
 async fn killed_process_restarts_and_liveness_failure_restarts() {
+    let dead = format!("/tmp/{}", unique("weir-dead"));
     let mut h = Harness::new().await;
     let mut live = container("live", &["sleep", "300"]);
     live.liveness_probe = Some(Probe {
         exec: Some(ExecAction {
-            command: Some(vec![
-                "test".into(),
-                "!".into(),
-                "-e".into(),
-                "/tmp/weir-dead".into(),
-            ]),
+            command: Some(vec!["test".into(), "!".into(), "-e".into(), dead.clone()]),
         }),
         ..probe(1, 1)
     });
@@ -434,13 +430,13 @@ async fn killed_process_restarts_and_liveness_failure_restarts() {
 
     // Failing liveness: the file appears inside the container's /tmp (the node's /tmp: the
     // runtime shares the node's file system) and the container is restarted with the reason.
-    std::fs::write("/tmp/weir-dead", "").unwrap();
+    std::fs::write(&dead, "").unwrap();
     let s = h
         .wait(&pod, "live restarted", |s| {
             status_of(s, "live").restart_count >= 1
         })
         .await;
-    std::fs::remove_file("/tmp/weir-dead").unwrap();
+    std::fs::remove_file(&dead).unwrap();
     let last = status_of(&s, "live")
         .last_state
         .clone()
