@@ -17,6 +17,8 @@ pub const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 pub struct NodeInfo {
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// The hostname label (or the name), kept apart: inter-pod rules look it up per node.
+    hostname: String,
     pub taints: Vec<Taint>,
     pub unschedulable: bool,
     /// The node's Ready condition is True.
@@ -45,9 +47,12 @@ impl NodeInfo {
                 .map(Option::unwrap_or_default)
         };
         let spec = node.spec.clone().unwrap_or_default();
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let labels = node.metadata.labels.clone().unwrap_or_default();
         Ok(NodeInfo {
-            name: node.metadata.name.clone().unwrap_or_default(),
-            labels: node.metadata.labels.clone().unwrap_or_default(),
+            hostname: labels.get(HOSTNAME_LABEL).unwrap_or(&name).clone(),
+            name,
+            labels,
             taints: spec.taints.unwrap_or_default(),
             unschedulable: spec.unschedulable.unwrap_or(false),
             ready: status
@@ -70,11 +75,10 @@ impl NodeInfo {
     /// The node's value for a topology key; `kubernetes.io/hostname` falls back to the node
     /// name when the label is missing.
     pub fn topology_value<'a>(&'a self, key: &str) -> Option<&'a str> {
-        match self.labels.get(key) {
-            Some(v) => Some(v),
-            None if key == HOSTNAME_LABEL => Some(&self.name),
-            None => None,
+        if key == HOSTNAME_LABEL {
+            return Some(&self.hostname);
         }
+        self.labels.get(key).map(String::as_str)
     }
 }
 
@@ -193,6 +197,7 @@ impl Snapshot {
             None => {
                 let placeholder = NodeInfo {
                     name: node_name.to_string(),
+                    hostname: node_name.to_string(),
                     labels: BTreeMap::new(),
                     taints: Vec::new(),
                     unschedulable: true,
