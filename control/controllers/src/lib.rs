@@ -5,6 +5,7 @@
 
 pub mod deployment;
 pub mod endpointslice;
+pub mod gc;
 pub mod nodelifecycle;
 pub mod replicaset;
 pub mod runtime;
@@ -27,7 +28,8 @@ pub async fn run(client: kube::Client, config: Config, shutdown: impl Future<Out
         endpointslice::run(client.clone(), shutdown.clone()),
         replicaset::run(client.clone(), shutdown.clone()),
         deployment::run(client.clone(), shutdown.clone()),
-        nodelifecycle::run(client, config.node_lifecycle, shutdown),
+        nodelifecycle::run(client.clone(), config.node_lifecycle, shutdown.clone()),
+        gc::run(client, shutdown),
     );
 }
 

@@ -1,7 +1,8 @@
 //! The scheduler and every controller against weir's real API server (in-process, embedded
 //! store, HTTPS) and the real kubectl: a Deployment behind a Service is scheduled across two
 //! nodes, gets its EndpointSlice, heals a deleted pod, rolls an update without losing ready
-//! endpoints, rolls back with `kubectl rollout undo`, and a pod too big for any node says why.
+//! endpoints, rolls back with `kubectl rollout undo`, a pod too big for any node says why, and
+//! deleting the Deployment and Service garbage-collects their ReplicaSets, pods and slices.
 //! No node agent runs here: a "kubelet" task in the test writes pod status (Running, Ready,
 //! an IP) through the status subresource and completes deletions, as the brief prescribes.
 
@@ -435,4 +436,27 @@ async fn deployment_service_scheduling_healing_rollout_and_rollback() {
         msg.1.as_deref(),
         Some("0/2 nodes are available: 2 Insufficient cpu.")
     );
+
+    // Garbage collection: deleting the Deployment takes its ReplicaSets and pods; deleting
+    // the Service takes its EndpointSlices.
+    deployments
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete deployment");
+    services
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    wait_for("dependents collected", Duration::from_secs(30), || {
+        let client = client.clone();
+        let sets = sets.clone();
+        let slices = slices.clone();
+        async move {
+            let rs = sets.list(&ListParams::default()).await.ok()?.items.len();
+            let sl = slices.list(&ListParams::default()).await.ok()?.items.len();
+            let pods = active_pods(&client).await.len();
+            (rs == 0 && sl == 0 && pods == 0).then_some(())
+        }
+    })
+    .await;
 }
