@@ -31,6 +31,15 @@ struct Cli {
     /// Seconds of each measured wrk and h2load run (each is preceded by a short warm-up).
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Measured rounds per wrk configuration; the table shows each proxy's median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// weir's worker threads (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    weir_workers: usize,
+    /// Only measure weir with wrk -c64 (for quick tuning runs); writes nothing.
+    #[arg(long)]
+    weir_only: bool,
     /// Print the table without writing docs/benchmarks.md.
     #[arg(long)]
     no_write: bool,
@@ -152,6 +161,11 @@ async fn upgrade_echo(addr: SocketAddr) -> Result<()> {
 
 struct Proxy {
     name: &'static str,
+    /// The process whose CPU time is charged to this proxy.
+    pid: u32,
+    /// Also charge the process's children (nginx's workers; not weir's, which are the
+    /// backend and the load generators).
+    children: bool,
     http: SocketAddr,
     https: SocketAddr,
 }
@@ -202,6 +216,7 @@ async fn bench(cli: Cli) -> Result<()> {
         "--metrics-addr=127.0.0.1:0",
         "--access-log=false",
         "--default-ssl-certificate=bench/bench-tls",
+        &format!("--workers={}", cli.weir_workers),
     ])?
     .args;
     let table = weir_ingress::shared_table();
@@ -213,18 +228,34 @@ async fn bench(cli: Cli) -> Result<()> {
     let weir_task = tokio::spawn(server.serve(shutdown.clone()));
 
     let nginx = Proxy {
+        pid: 0,
+        children: false,
         name: "nginx",
         http: free_addr()?,
         https: free_addr()?,
     };
-    let _nginx = start_nginx(&dir.0, &nginx, echo0)?;
+    let nginx_proc = start_nginx(&dir.0, &nginx, echo0)?;
+    let nginx = Proxy {
+        pid: nginx_proc.0.id(),
+        children: true,
+        ..nginx
+    };
     let haproxy = Proxy {
+        pid: 0,
+        children: false,
         name: "haproxy",
         http: free_addr()?,
         https: free_addr()?,
     };
-    let _haproxy = start_haproxy(&dir.0, &haproxy, echo0)?;
+    let haproxy_proc = start_haproxy(&dir.0, &haproxy, echo0)?;
+    let haproxy = Proxy {
+        pid: haproxy_proc.0.id(),
+        children: false,
+        ..haproxy
+    };
     let weir = Proxy {
+        pid: std::process::id(),
+        children: false,
         name: "weir",
         http: weir_http,
         https: weir_https,
@@ -246,36 +277,55 @@ async fn bench(cli: Cli) -> Result<()> {
         tool_version("nginx", &["-v"]),
         tool_version("haproxy", &["-v"]),
     )?;
-    writeln!(md, "### HTTP/1.1 keep-alive (wrk -t2 --latency)\n")?;
     writeln!(
         md,
-        "| proxy | connections | requests/s | p50 | p99 | errors | vs nginx req/s |"
+        "### HTTP/1.1 keep-alive (wrk -t2 --latency; median of {} rounds, order rotated each round)\n",
+        cli.rounds
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| proxy | connections | requests/s | p50 | p99 | proxy CPU per request | errors | vs nginx req/s |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for conns in [64, 256] {
-        let mut results = Vec::new();
-        for p in proxies {
-            wrk(p.http, conns, 2).await?;
-            let r = wrk(p.http, conns, cli.duration).await?;
-            eprintln!(
-                "{} c{conns}: {:.0} req/s p99 {:?} errors {}",
-                p.name, r.rps, r.p99, r.errors
-            );
-            results.push((p.name, r));
+        let mut results: Vec<(&str, Vec<(WrkResult, f64)>)> =
+            proxies.iter().map(|p| (p.name, Vec::new())).collect();
+        for round in 0..cli.rounds {
+            // Rotate the order each round so no proxy always runs first or last.
+            for k in 0..proxies.len() {
+                let i = (k + round) % proxies.len();
+                let p = proxies[i];
+                wrk(p.http, conns, 1).await?;
+                let cpu = cpu_ticks(p.pid, p.children);
+                let r = wrk(p.http, conns, cli.duration).await?;
+                let cpu_us = (cpu_ticks(p.pid, p.children) - cpu) as f64 * 1e6
+                    / ticks_per_sec()
+                    / r.requests.max(1) as f64;
+                eprintln!(
+                    "{} c{conns} round {round}: {:.0} req/s p99 {:?} cpu {cpu_us:.1} µs/req errors {}",
+                    p.name, r.rps, r.p99, r.errors
+                );
+                results[i].1.push((r, cpu_us));
+            }
         }
-        let nginx_rps = results
+        let med: Vec<(&str, Summary)> = results
+            .iter()
+            .map(|(n, rs)| (*n, Summary::of(rs)))
+            .collect();
+        let nginx_rps = med
             .iter()
             .find(|(n, _)| *n == "nginx")
-            .map_or(1.0, |(_, r)| r.rps);
-        for (name, r) in &results {
+            .map_or(1.0, |(_, s)| s.rps);
+        for (name, m) in &med {
             writeln!(
                 md,
-                "| {name} | {conns} | {:.0} | {} | {} | {} | {:.2}× |",
-                r.rps,
-                fmt_dur(r.p50),
-                fmt_dur(r.p99),
-                r.errors,
-                r.rps / nginx_rps
+                "| {name} | {conns} | {:.0} | {} | {} | {:.1} µs | {} | {:.2}× |",
+                m.rps,
+                fmt_dur(m.p50),
+                fmt_dur(m.p99),
+                m.cpu_us,
+                m.errors,
+                m.rps / nginx_rps
             )?;
         }
     }
@@ -287,27 +337,30 @@ async fn bench(cli: Cli) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| proxy | requests/s | mean request time | failed/errored | vs nginx |"
+        "| proxy | requests/s | mean request time | proxy CPU per request | failed/errored | vs nginx |"
     )?;
-    writeln!(md, "|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
     let mut h2 = Vec::new();
     for p in proxies {
         h2load(p.https, 20_000).await?;
-        let r = h2load(p.https, cli.duration * 30_000).await?;
+        let cpu = cpu_ticks(p.pid, p.children);
+        let n = cli.duration * 30_000;
+        let r = h2load(p.https, n).await?;
+        let cpu_us = (cpu_ticks(p.pid, p.children) - cpu) as f64 * 1e6 / ticks_per_sec() / n as f64;
         eprintln!(
-            "{} h2: {:.0} req/s mean {} failed {}",
+            "{} h2: {:.0} req/s mean {} cpu {cpu_us:.1} µs/req failed {}",
             p.name, r.rps, r.mean, r.failed
         );
-        h2.push((p.name, r));
+        h2.push((p.name, r, cpu_us));
     }
     let nginx_h2 = h2
         .iter()
-        .find(|(n, _)| *n == "nginx")
-        .map_or(1.0, |(_, r)| r.rps);
-    for (name, r) in &h2 {
+        .find(|(n, ..)| *n == "nginx")
+        .map_or(1.0, |(_, r, _)| r.rps);
+    for (name, r, cpu_us) in &h2 {
         writeln!(
             md,
-            "| {name} | {:.0} | {} | {} | {:.2}× |",
+            "| {name} | {:.0} | {} | {cpu_us:.1} µs | {} | {:.2}× |",
             r.rps,
             r.mean,
             r.failed,
@@ -536,6 +589,74 @@ async fn wrk(addr: SocketAddr, conns: u32, secs: u64) -> Result<WrkResult> {
         bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     }
     parse_wrk(&text).with_context(|| format!("parsing wrk output:\n{text}"))
+}
+
+/// Median over rounds of requests/s, p50, p99 and CPU per request; errors are summed.
+struct Summary {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu_us: f64,
+    errors: u64,
+}
+
+impl Summary {
+    fn of(runs: &[(WrkResult, f64)]) -> Summary {
+        fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            v[v.len() / 2]
+        }
+        Summary {
+            rps: median(runs.iter().map(|r| r.0.rps).collect()),
+            p50: median(runs.iter().map(|r| r.0.p50).collect()),
+            p99: median(runs.iter().map(|r| r.0.p99).collect()),
+            cpu_us: median(runs.iter().map(|r| r.1).collect()),
+            errors: runs.iter().map(|r| r.0.errors).sum(),
+        }
+    }
+}
+
+/// User plus system CPU ticks of `pid`, and of its direct children if `children`.
+fn cpu_ticks(pid: u32, children: bool) -> u64 {
+    let stat = |p: &str| -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // Fields after the parenthesised command: state, ppid, ..., utime (14), stime (15).
+        let rest = &text[text.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((
+            f.get(1)?.parse().ok()?,
+            f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+        ))
+    };
+    let mut total = stat(&pid.to_string()).map_or(0, |s| s.1);
+    if !children {
+        return total;
+    }
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(name) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some((ppid, ticks)) = stat(name)
+            && ppid == pid
+        {
+            total += ticks;
+        }
+    }
+    total
+}
+
+/// The kernel's clock ticks per second for /proc CPU times (USER_HZ, 100 on Linux).
+fn ticks_per_sec() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
 
 fn parse_wrk(text: &str) -> Option<WrkResult> {
