@@ -2,7 +2,8 @@
 //! store, HTTPS) and the real kubectl: a Deployment behind a Service is scheduled across two
 //! nodes, gets its EndpointSlice, heals a deleted pod, rolls an update without losing ready
 //! endpoints, rolls back with `kubectl rollout undo`, a pod too big for any node says why, and
-//! deleting the Deployment and Service garbage-collects their ReplicaSets, pods and slices.
+//! deleting the Deployment and Service garbage-collects their ReplicaSets, pods and slices;
+//! and a node whose heartbeat stops turns unreachable while its pods move to the other node.
 //! No node agent runs here: a "kubelet" task in the test writes pod status (Running, Ready,
 //! an IP) through the status subresource and completes deletions, as the brief prescribes.
 
@@ -35,7 +36,7 @@ impl Drop for Cluster {
     }
 }
 
-async fn start() -> Cluster {
+async fn start(controllers: crate::Config) -> Cluster {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = weir_store::EmbeddedStore::open(dir.path().join("store.redb")).expect("store");
     let mut config = Config::new(dir.path().to_path_buf(), Arc::new(store));
@@ -77,7 +78,7 @@ async fn start() -> Cluster {
     };
     tokio::spawn(crate::run(
         client.clone(),
-        crate::Config::default(),
+        controllers,
         stopped(ctl_rx.clone()),
     ));
     tokio::spawn(weir_scheduler::run(
@@ -127,7 +128,7 @@ async fn add_node(client: &Client, name: &str) {
 
 /// Plays the node agent's part for pods: a bound pod gets Running, Ready and an IP; a pod
 /// being deleted is removed once the endpoint controller had time to see it terminating.
-async fn kubelet(client: Client) {
+async fn kubelet(client: Client, nodes: &'static [&'static str]) {
     let pods: Api<Pod> = Api::all(client.clone());
     let mut next_ip = 10u32;
     let mut terminating_since: std::collections::HashMap<String, Instant> = Default::default();
@@ -136,6 +137,11 @@ async fn kubelet(client: Client) {
             for p in list {
                 let ns = p.namespace().unwrap_or_default();
                 let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+                let bound = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                // Pods on a node whose "kubelet" is down are left alone.
+                if bound.as_deref().is_some_and(|n| !nodes.contains(&n)) {
+                    continue;
+                }
                 if p.metadata.deletion_timestamp.is_some() {
                     let since = terminating_since
                         .entry(p.name_any())
@@ -147,7 +153,6 @@ async fn kubelet(client: Client) {
                     }
                     continue;
                 }
-                let bound = p.spec.as_ref().and_then(|s| s.node_name.clone());
                 let has_ip = p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some();
                 if bound.is_some() && !has_ip {
                     next_ip += 1;
@@ -227,10 +232,10 @@ async fn endpoint_counts(client: &Client) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployment_service_scheduling_healing_rollout_and_rollback() {
-    let c = start().await;
+    let c = start(crate::Config::default()).await;
     add_node(&c.client, "node-a").await;
     add_node(&c.client, "node-b").await;
-    tokio::spawn(kubelet(c.client.clone()));
+    tokio::spawn(kubelet(c.client.clone(), &["node-a", "node-b"]));
 
     let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
     let svc: Service = serde_json::from_value(json!({
@@ -459,4 +464,84 @@ async fn deployment_service_scheduling_healing_rollout_and_rollback() {
         }
     })
     .await;
+}
+
+/// Renews the node's Lease every 500 ms, as the agent's heartbeat does.
+async fn heartbeat(client: Client, node: &'static str) {
+    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
+    loop {
+        let patch = json!({"spec": {"renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}});
+        let _ = leases
+            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_turns_unreachable_and_its_pods_move() {
+    let config = crate::Config {
+        node_lifecycle: crate::nodelifecycle::Config {
+            grace_period: Duration::from_secs(2),
+            default_toleration: Duration::from_secs(2),
+        },
+    };
+    let c = start(config).await;
+    add_node(&c.client, "node-a").await;
+    add_node(&c.client, "node-b").await;
+    // node-a's agent is "killed": no heartbeat, no pod status; node-b lives on.
+    tokio::spawn(heartbeat(c.client.clone(), "node-b"));
+    tokio::spawn(kubelet(c.client.clone(), &["node-b"]));
+    let rs: ReplicaSet = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "echo", "image": "weir/echo"}]}}}
+    }))
+    .expect("rs");
+    let sets: Api<ReplicaSet> = Api::namespaced(c.client.clone(), "default");
+    sets.create(&PostParams::default(), &rs)
+        .await
+        .expect("create rs");
+
+    let client = c.client.clone();
+    let on_node = |node: &'static str| {
+        let client = client.clone();
+        move || {
+            let client = client.clone();
+            async move {
+                let pods = active_pods(&client).await;
+                let n = pods
+                    .iter()
+                    .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+                    .count();
+                (pods.len() == 2 && n == 2).then_some(())
+            }
+        }
+    };
+    // Within the grace period a pod may land on node-a; after it, node-a is tainted
+    // unreachable, its pods are evicted and the ReplicaSet's replacements go to node-b.
+    wait_for(
+        "both replicas on node-b",
+        Duration::from_secs(30),
+        on_node("node-b"),
+    )
+    .await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    let a = nodes.get("node-a").await.expect("node-a");
+    let taints = a.spec.and_then(|s| s.taints).unwrap_or_default();
+    assert!(
+        taints
+            .iter()
+            .any(|t| t.key == "node.kubernetes.io/unreachable" && t.effect == "NoExecute"),
+        "{taints:?}"
+    );
+    let ready = a
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status);
+    assert_eq!(ready.as_deref(), Some("Unknown"));
 }
