@@ -5,6 +5,7 @@
 //! (what the maps should hold) → [`plan::plan`] (the diff against a mirror of the maps) →
 //! [`maps::LbMaps::apply`] (only those writes). The BPF side is `ebpf/lb-ebpf`.
 
+mod batch;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
@@ -79,7 +80,25 @@ impl Syncer {
 
     /// Applies the difference between the maps and `desired`; returns the number of writes.
     pub fn sync(&mut self, desired: &Desired) -> Result<usize, Error> {
-        let plan = plan::plan(&self.state, desired, self.maglev);
+        self.write(plan::plan(&self.state, desired, self.maglev))
+    }
+
+    /// Applies `desired` for some Services only; of the existing frontends, only those in
+    /// `removable` (what those Services had before) may be deleted. See [`plan::plan_scoped`].
+    pub fn sync_scoped(
+        &mut self,
+        desired: &Desired,
+        removable: &[model::Frontend],
+    ) -> Result<usize, Error> {
+        self.write(plan::plan_scoped(
+            &self.state,
+            desired,
+            Some(removable),
+            self.maglev,
+        ))
+    }
+
+    fn write(&mut self, plan: Plan) -> Result<usize, Error> {
         if plan.is_empty() {
             return Ok(0);
         }

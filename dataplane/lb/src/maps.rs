@@ -30,6 +30,9 @@ pub const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/weir";
 
 /// The typed maps of the socket load balancer.
 pub struct LbMaps {
+    /// Second handles on the pinned service and backend maps, for batched writes.
+    services_raw: MapData,
+    backends_raw: MapData,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     maglev: HashMap<MapData, u32, MaglevTable>,
@@ -92,6 +95,7 @@ pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> 
             .ok_or_else(|| Error::Bpf(format!("map {name} missing from the object")))
     };
     LbMaps::from_maps(
+        &maps_dir,
         take("WEIR_SERVICES")?,
         take("WEIR_BACKENDS")?,
         take("WEIR_MAGLEV")?,
@@ -176,6 +180,7 @@ impl LbMaps {
             Map::from_map_data(data).map_err(|e| Error::Bpf(format!("map {}: {e}", path.display())))
         };
         Self::from_maps(
+            &bpf_root.join("maps"),
             open("WEIR_SERVICES")?,
             open("WEIR_BACKENDS")?,
             open("WEIR_MAGLEV")?,
@@ -185,6 +190,7 @@ impl LbMaps {
     }
 
     fn from_maps(
+        maps_dir: &Path,
         services: Map,
         backends: Map,
         maglev: Map,
@@ -194,7 +200,14 @@ impl LbMaps {
         let e = |what: &str, err: aya::maps::MapError| {
             Error::Bpf(format!("map {what} has the wrong type: {err}"))
         };
+        let raw = |name: &str| {
+            let path = maps_dir.join(name);
+            MapData::from_pin(&path)
+                .map_err(|e| Error::Bpf(format!("open {}: {e}", path.display())))
+        };
         Ok(Self {
+            services_raw: raw("WEIR_SERVICES")?,
+            backends_raw: raw("WEIR_BACKENDS")?,
             services: services.try_into().map_err(|x| e("WEIR_SERVICES", x))?,
             backends: backends.try_into().map_err(|x| e("WEIR_BACKENDS", x))?,
             maglev: maglev.try_into().map_err(|x| e("WEIR_MAGLEV", x))?,
@@ -234,11 +247,7 @@ impl LbMaps {
     pub fn apply(&mut self, plan: &Plan) -> Result<(), Error> {
         let w =
             |what: &'static str| move |e: aya::maps::MapError| Error::Bpf(format!("{what}: {e}"));
-        for (k, b) in &plan.put_backends {
-            self.backends
-                .insert(k, b, 0)
-                .map_err(w("update WEIR_BACKENDS"))?;
-        }
+        crate::batch::update(&self.backends_raw, "WEIR_BACKENDS", &plan.put_backends)?;
         if !plan.put_maglev.is_empty() {
             let mut table = Box::new(MaglevTable {
                 slots: [0; MAGLEV_MAX],
@@ -250,11 +259,7 @@ impl LbMaps {
                     .map_err(w("update WEIR_MAGLEV"))?;
             }
         }
-        for (k, v) in &plan.put_services {
-            self.services
-                .insert(k, v, 0)
-                .map_err(w("update WEIR_SERVICES"))?;
-        }
+        crate::batch::update(&self.services_raw, "WEIR_SERVICES", &plan.put_services)?;
         for k in &plan.del_services {
             self.services
                 .remove(k)

@@ -87,8 +87,21 @@ pub fn backend_value(b: &SocketAddrV4) -> Backend {
 /// The writes that turn `state` into `desired`. Existing frontends keep their service id
 /// (so ids survive restarts) and backends keep their slot (so affinity entries stay valid).
 pub fn plan(state: &MapState, desired: &Desired, mcfg: MaglevConfig) -> Plan {
+    plan_scoped(state, desired, None, mcfg)
+}
+
+/// Like [`plan`], for part of the cluster: `desired` holds the frontends of some Services only,
+/// and `removable` the frontends those Services had before; only those may be deleted. This
+/// is what one EndpointSlice change costs: work in the size of the change, not of the cluster.
+pub fn plan_scoped(
+    state: &MapState,
+    desired: &Desired,
+    removable: Option<&[Frontend]>,
+    mcfg: MaglevConfig,
+) -> Plan {
     let mut p = Plan::default();
-    let mut used: HashSet<u32> = state.services.values().map(|v| v.id).collect();
+    // Built only when a new frontend needs an id.
+    let mut used: Option<HashSet<u32>> = None;
     let mut next_id = 1u32;
     let mut wanted_keys = HashSet::with_capacity(desired.len());
     let empty = BTreeMap::new();
@@ -98,6 +111,8 @@ pub fn plan(state: &MapState, desired: &Desired, mcfg: MaglevConfig) -> Plan {
         let (id, current) = match state.services.get(&key) {
             Some(v) => (v.id, state.backends.get(&v.id).unwrap_or(&empty)),
             None => {
+                let used =
+                    used.get_or_insert_with(|| state.services.values().map(|v| v.id).collect());
                 while used.contains(&next_id) {
                     next_id += 1;
                 }
@@ -165,10 +180,20 @@ pub fn plan(state: &MapState, desired: &Desired, mcfg: MaglevConfig) -> Plan {
             p.put_services.push((key, value));
         }
     }
-    for (key, v) in &state.services {
-        if wanted_keys.contains(key) {
-            continue;
-        }
+    let gone: Vec<(&ServiceKey, &ServiceValue)> = match removable {
+        None => state
+            .services
+            .iter()
+            .filter(|(k, _)| !wanted_keys.contains(*k))
+            .collect(),
+        Some(fes) => fes
+            .iter()
+            .map(service_key)
+            .filter(|k| !wanted_keys.contains(k))
+            .filter_map(|k| state.services.get_key_value(&k))
+            .collect(),
+    };
+    for (key, v) in gone {
         p.del_services.push(*key);
         p.freed_ids.push(v.id);
         for &slot in state
@@ -318,10 +343,19 @@ mod tests {
         d.insert(fe(9), want(&[], Algorithm::Random));
         let p = step(&mut st, &d);
         assert_eq!(p.put_services[0].1.id, 3);
+
         assert_eq!(
             p.put_services[0].1.count, 0,
             "no endpoints: count 0 makes BPF refuse"
         );
+
+        // Scoped: only the named frontends may go; the rest of the state is not looked at.
+        let mut part = Desired::new();
+        part.insert(fe(1), want(&[1], Algorithm::Random));
+        let p = plan_scoped(&st, &part, Some(&[fe(1), fe(9)]), MaglevConfig::default());
+        assert_eq!(p.del_services, vec![service_key(&fe(9))]);
+        assert_eq!(p.put_services.len(), 1);
+        assert!(!p.del_services.contains(&service_key(&fe(2))));
     }
 
     #[test]

@@ -1,23 +1,48 @@
-//! The thin I/O layer: kube-rs reflectors keep the snapshot of Services and EndpointSlices;
-//! every change (batched with whatever else is already queued) recomputes the desired state and
-//! hands it to the [`Syncer`], which writes only the difference.
+//! The thin I/O layer: kube-rs reflectors keep the snapshot of Services and EndpointSlices.
+//! A change to a Service or to one of its slices re-derives that Service's frontends only and
+//! hands them to [`Syncer::sync_scoped`]; the initial list, a re-list and a periodic safety net
+//! re-derive everything and write whatever differs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::LbMetrics;
-use crate::model::{ModelConfig, desired};
+use crate::model::{Desired, Frontend, ModelConfig, desired};
 use crate::plan::service_key;
 use crate::{Error, Syncer};
 
 const METRICS_EVERY: Duration = Duration::from_secs(5);
+/// Every this many metric ticks, re-derive everything (catches e.g. a slice relabelled away).
+const FULL_RESYNC_TICKS: u32 = 12;
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What a watch event touched.
+enum Touch {
+    /// A (re-)list: re-derive everything.
+    All,
+    Service(String, String),
+}
+
+fn touch_of<K: kube::Resource>(
+    ev: &watcher::Event<K>,
+    key: impl Fn(&K) -> Option<(String, String)>,
+) -> Option<Touch> {
+    match ev {
+        watcher::Event::Apply(o) | watcher::Event::Delete(o) => {
+            key(o).map(|(ns, n)| Touch::Service(ns, n))
+        }
+        watcher::Event::InitDone => Some(Touch::All),
+        watcher::Event::Init | watcher::Event::InitApply(_) => None,
+    }
+}
 
 pub async fn run(
     client: kube::Client,
@@ -28,6 +53,12 @@ pub async fn run(
 ) -> Result<(), Error> {
     let (svc_store, svc_writer) = reflector::store::<Service>();
     let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
+    let ns_name = |m: &kube::api::ObjectMeta, name: Option<&String>| {
+        Some((
+            m.namespace.clone().unwrap_or_else(|| "default".into()),
+            name?.clone(),
+        ))
+    };
     let services = reflector(
         svc_writer,
         watcher(
@@ -36,7 +67,13 @@ pub async fn run(
         ),
     )
     .default_backoff()
-    .map(|e| e.map(|_| ()))
+    .map(move |e| {
+        e.map(|ev| {
+            touch_of(&ev, |s: &Service| {
+                ns_name(&s.metadata, s.metadata.name.as_ref())
+            })
+        })
+    })
     .boxed();
     let slices = reflector(
         eps_writer,
@@ -46,65 +83,170 @@ pub async fn run(
         ),
     )
     .default_backoff()
-    .map(|e| e.map(|_| ()))
+    .map(move |e| {
+        e.map(|ev| {
+            touch_of(&ev, |s: &EndpointSlice| {
+                ns_name(
+                    &s.metadata,
+                    s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL)),
+                )
+            })
+        })
+    })
     .boxed();
     let mut events = futures::stream::select(services, slices);
     let mut ticker = tokio::time::interval(METRICS_EVERY);
-    let mut names = HashMap::new();
-    let mut ready = false;
-    let mut failed = false;
+    let mut state = WatchState::default();
+    let mut ticks = 0u32;
     loop {
+        let mut full = false;
+        let mut touched = HashSet::new();
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {
-                metrics.update(&syncer, &names);
+                metrics.update(&syncer, &state.names);
+                ticks += 1;
                 // A failed sync is retried here too, not only on the next change.
-                if !failed {
-                    continue;
-                }
+                full = state.failed || ticks.is_multiple_of(FULL_RESYNC_TICKS);
             }
             ev = events.next() => match ev {
                 None => return Err(Error::Watch("watch streams ended".into())),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "watch error; retrying with backoff");
-                    continue;
-                }
-                Some(Ok(())) => {}
+                Some(Err(e)) => tracing::warn!(error = %e, "watch error; retrying with backoff"),
+                Some(Ok(t)) => collect(t, &mut full, &mut touched),
             },
         }
         // Take everything already queued, so a burst costs one sync.
-        while let Some(Some(Ok(()))) = events.next().now_or_never() {}
+        while let Some(Some(r)) = events.next().now_or_never() {
+            if let Ok(t) = r {
+                collect(t, &mut full, &mut touched);
+            }
+        }
         // Until both lists arrived, a partial snapshot would delete live Services from the maps.
-        if !ready {
+        if !state.ready {
             if svc_store.wait_until_ready().now_or_never().is_none()
                 || eps_store.wait_until_ready().now_or_never().is_none()
             {
                 continue;
             }
-            ready = true;
+            state.ready = true;
+            full = true;
         }
-        let (want, problems) = desired(&svc_store.state(), &eps_store.state(), &cfg);
-        for p in problems {
-            tracing::warn!(service = %p.service, reason = %p.reason, "Service field not usable");
+        if full {
+            state.full(&mut syncer, &svc_store, &eps_store, &cfg);
+        } else if !touched.is_empty() {
+            state.partial(&mut syncer, &svc_store, &eps_store, &cfg, touched);
         }
-        match syncer.sync(&want) {
+    }
+}
+
+fn collect(t: Option<Touch>, full: &mut bool, touched: &mut HashSet<(String, String)>) {
+    match t {
+        Some(Touch::All) => *full = true,
+        Some(Touch::Service(ns, n)) => {
+            touched.insert((ns, n));
+        }
+        None => {}
+    }
+}
+
+#[derive(Default)]
+struct WatchState {
+    ready: bool,
+    failed: bool,
+    /// The frontends each Service (namespace, name) programmed last time.
+    fronts: HashMap<(String, String), Vec<Frontend>>,
+    /// Service id → Service port, for metrics labels.
+    names: HashMap<u32, crate::model::ServiceRef>,
+}
+
+impl WatchState {
+    fn full(
+        &mut self,
+        syncer: &mut Syncer,
+        svcs: &Store<Service>,
+        eps: &Store<EndpointSlice>,
+        cfg: &ModelConfig,
+    ) {
+        let (want, problems) = desired(&svcs.state(), &eps.state(), cfg);
+        report(problems);
+        let result = syncer.sync(&want);
+        self.fronts.clear();
+        self.names.clear();
+        self.record(syncer, &want);
+        self.done(result, want.len());
+    }
+
+    fn partial(
+        &mut self,
+        syncer: &mut Syncer,
+        svcs: &Store<Service>,
+        eps: &Store<EndpointSlice>,
+        cfg: &ModelConfig,
+        touched: HashSet<(String, String)>,
+    ) {
+        let services: Vec<_> = touched
+            .iter()
+            .filter_map(|(ns, n)| svcs.get(&ObjectRef::new(n).within(ns)))
+            .collect();
+        let slices = eps.state_filter(|s| {
+            let ns = s
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                .is_some_and(|n| touched.contains(&(ns, n.clone())))
+        });
+        let (want, problems) = desired(&services, &slices, cfg);
+        report(problems);
+        let mut removable = Vec::new();
+        for key in &touched {
+            if let Some(old) = self.fronts.remove(key) {
+                for fe in &old {
+                    if let Some(v) = syncer.state().services.get(&service_key(fe)) {
+                        self.names.remove(&v.id);
+                    }
+                }
+                removable.extend(old);
+            }
+        }
+        let result = syncer.sync_scoped(&want, &removable);
+        self.record(syncer, &want);
+        self.done(result, want.len());
+    }
+
+    fn record(&mut self, syncer: &Syncer, want: &Desired) {
+        for (fe, d) in want {
+            let key = (d.service.namespace.clone(), d.service.name.clone());
+            self.fronts.entry(key).or_default().push(*fe);
+            if let Some(v) = syncer.state().services.get(&service_key(fe)) {
+                self.names.insert(v.id, d.service.clone());
+            }
+        }
+    }
+
+    fn done(&mut self, result: Result<usize, Error>, frontends: usize) {
+        match result {
             Ok(n) => {
-                failed = false;
-                tracing::debug!(writes = n, frontends = want.len(), "maps in step");
+                self.failed = false;
+                tracing::debug!(writes = n, frontends, "maps in step");
             }
             Err(e) => {
-                failed = true;
+                self.failed = true;
                 tracing::error!(error = %e, "map update failed; retrying");
             }
         }
-        names = want
-            .iter()
-            .filter_map(|(fe, d)| {
-                Some((
-                    syncer.state().services.get(&service_key(fe))?.id,
-                    d.service.clone(),
-                ))
-            })
-            .collect();
+    }
+}
+
+fn report(problems: Vec<crate::model::Problem>) {
+    for p in problems {
+        tracing::warn!(service = %p.service, reason = %p.reason, "Service field not usable");
     }
 }
