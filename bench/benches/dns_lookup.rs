@@ -59,23 +59,17 @@ fn bench(c: &mut Criterion) {
     let mut out = Vec::with_capacity(65535);
     let cases = [
         ("a_hit", query("svc-4242.ns-42.svc.cluster.local", 1)),
-        ("srv_hit", query("_http._tcp.svc-4242.ns-42.svc.cluster.local", 33)),
+        (
+            "srv_hit",
+            query("_http._tcp.svc-4242.ns-42.svc.cluster.local", 33),
+        ),
         ("ptr_hit", query("243.17.96.10.in-addr.arpa", 12)),
         ("nxdomain", query("missing.ns-42.svc.cluster.local", 1)),
     ];
     let mut group = c.benchmark_group("dns_lookup");
     for (name, q) in &cases {
         group.bench_function(*name, |b| {
-            b.iter(|| {
-                handler.handle(
-                    black_box(q),
-                    client,
-                    Transport::Udp,
-                    &mut out,
-                    &metrics,
-                    0,
-                )
-            })
+            b.iter(|| handler.handle(black_box(q), client, Transport::Udp, &mut out, &metrics, 0))
         });
     }
     group.finish();
