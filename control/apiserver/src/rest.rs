@@ -1035,6 +1035,9 @@ pub struct DeleteOpts {
     grace: Option<i64>,
     uid: Option<String>,
     rv: Option<i64>,
+    /// `Orphan` or `Foreground`: the garbage collector's finalizer to add. `Background`
+    /// (the default) deletes at once and leaves dependents to the collector.
+    propagation: Option<String>,
 }
 
 impl DeleteOpts {
@@ -1049,6 +1052,18 @@ impl DeleteOpts {
             opts.rv = v["preconditions"]["resourceVersion"]
                 .as_str()
                 .and_then(|s| s.parse().ok());
+            opts.propagation = v["propagationPolicy"].as_str().map(str::to_string);
+        }
+        if let Some(p) = q.get("propagationPolicy") {
+            opts.propagation = Some(p.clone());
+        }
+        match opts.propagation.as_deref() {
+            None | Some("Background" | "Foreground" | "Orphan") => {}
+            Some(other) => {
+                return Err(ApiError::bad_request(format!(
+                    "propagationPolicy: Unsupported value: {other:?}: supported values: \"Background\", \"Foreground\", \"Orphan\""
+                )));
+            }
         }
         if let Some(g) = q.get("gracePeriodSeconds") {
             opts.grace = Some(g.parse().map_err(|_| {
@@ -1104,6 +1119,20 @@ pub async fn delete(
             ));
         }
         let marked = meta::meta_str(&obj, "deletionTimestamp").is_some();
+        let gc_finalizer = match opts.propagation.as_deref() {
+            Some("Foreground") => Some("foregroundDeletion"),
+            Some("Orphan") => Some("orphan"),
+            _ => None,
+        };
+        if let Some(f) = gc_finalizer.filter(|_| res.kind != "Namespace") {
+            let m = meta::metadata_mut(&mut obj);
+            let list = m.entry("finalizers").or_insert_with(|| json!([]));
+            if let Some(list) = list.as_array_mut()
+                && !list.iter().any(|v| v == f)
+            {
+                list.push(json!(f));
+            }
+        }
         let bound_pod = res.kind == "Pod"
             && obj["spec"]["nodeName"]
                 .as_str()

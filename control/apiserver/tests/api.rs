@@ -473,6 +473,17 @@ async fn objects_behave_like_kubernetes(r: &Running) {
         .expect("clear");
     assert!(cms.get_opt("fin").await.expect("get").is_none());
 
+    // Orphan and Foreground deletes leave the object to the garbage collector's finalizer.
+    cms.create(&PostParams::default(), &cm("orphaned"))
+        .await
+        .expect("create");
+    cms.delete("orphaned", &DeleteParams::orphan())
+        .await
+        .expect("delete");
+    let o = cms.get("orphaned").await.expect("kept for the GC");
+    assert!(o.metadata.deletion_timestamp.is_some());
+    assert_eq!(o.metadata.finalizers, Some(vec!["orphan".to_string()]));
+
     // Namespace termination deletes the contents, then the namespace.
     let nss: Api<Namespace> = Api::all(c.clone());
     let ns: Namespace =
