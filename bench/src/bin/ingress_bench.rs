@@ -277,6 +277,16 @@ async fn bench(cli: Cli) -> Result<()> {
         tool_version("nginx", &["-v"]),
         tool_version("haproxy", &["-v"]),
     )?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    writeln!(
+        md,
+        "Load average when the run started: {} (other work on the machine shares the 2 cores; \
+         repeat runs differ by ±30%, so read the ratios within one run).\n",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )?;
     writeln!(
         md,
         "### HTTP/1.1 keep-alive (wrk -t2 --latency; median of {} rounds, order rotated each round)\n",
