@@ -48,7 +48,7 @@ fn node(i: usize) -> Result<NodeInfo> {
             "kubernetes.io/hostname": name,
             "kubernetes.io/os": "linux",
             "topology.kubernetes.io/zone": format!("zone-{}", i % ZONES),
-            "disk": if i % 4 == 0 { "ssd" } else { "hdd" },
+            "disk": if i.is_multiple_of(4) { "ssd" } else { "hdd" },
         }},
         "spec": {"taints": taints, "unschedulable": i % 100 == 11},
         "status": {
@@ -87,7 +87,7 @@ fn pod(i: usize, o: usize) -> Result<Pod> {
             {"labelSelector": {"matchLabels": {"app": "app-0"}},
              "topologyKey": "topology.kubernetes.io/zone"}]});
     }
-    let tolerations = if i % 2 == 0 {
+    let tolerations = if i.is_multiple_of(2) {
         json!([{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}])
     } else {
         json!([])
