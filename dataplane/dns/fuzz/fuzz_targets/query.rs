@@ -33,19 +33,31 @@ fn service(ns: &str, name: &str, spec: ServiceSpec) -> Service {
 
 static HANDLER: LazyLock<(Handler, Metrics, Zone)> = LazyLock::new(|| {
     let (mut zone, reader) = Zone::new("cluster.local", 5).expect("zone");
-    zone.apply_service(&service("default", "hello", ServiceSpec {
-        cluster_ip: Some("10.96.0.20".into()),
-        ..Default::default()
-    }));
-    zone.apply_service(&service("default", "db", ServiceSpec {
-        cluster_ip: Some("None".into()),
-        ..Default::default()
-    }));
-    zone.apply_service(&service("default", "ext", ServiceSpec {
-        type_: Some("ExternalName".into()),
-        external_name: Some("example.com".into()),
-        ..Default::default()
-    }));
+    zone.apply_service(&service(
+        "default",
+        "hello",
+        ServiceSpec {
+            cluster_ip: Some("10.96.0.20".into()),
+            ..Default::default()
+        },
+    ));
+    zone.apply_service(&service(
+        "default",
+        "db",
+        ServiceSpec {
+            cluster_ip: Some("None".into()),
+            ..Default::default()
+        },
+    ));
+    zone.apply_service(&service(
+        "default",
+        "ext",
+        ServiceSpec {
+            type_: Some("ExternalName".into()),
+            external_name: Some("example.com".into()),
+            ..Default::default()
+        },
+    ));
     zone.apply_pod(&Pod {
         metadata: meta("default", "client"),
         status: Some(PodStatus {
