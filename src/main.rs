@@ -1,6 +1,8 @@
 //! The `weir` binary: one entry point, one subcommand per role.
 
 mod cli;
+mod cluster_dns;
+mod roles;
 mod up;
 
 use clap::Parser;
@@ -14,8 +16,19 @@ use clap::Parser;
 enum Cli {
     /// Start a one-node cluster on this machine and point kubectl at it.
     Up(up::UpArgs),
-    /// Run the control plane (the API server) alone.
+    /// Run the control plane alone: API server, scheduler and controllers.
     Server(up::ControlPlaneArgs),
+    /// Run this machine as a cluster node: pods as processes in their own namespaces.
+    Node(weir_agent::Args),
+    /// Run the eBPF service load balancer, or list what its maps hold.
+    #[command(subcommand)]
+    Lb(roles::LbCmd),
+    /// Serve cluster DNS for Service and Pod records.
+    Dns(roles::DnsCmd),
+    /// Run the ingress proxy for Ingress objects of class `weir`.
+    Ingress(roles::IngressCmd),
+    /// Serve the HTTP/TCP/UDP echo backend used by examples, tests and benchmarks.
+    Echo(roles::EchoCmd),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -30,6 +43,11 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse() {
         Cli::Up(args) => up::up(args),
         Cli::Server(args) => up::server(args),
+        Cli::Node(args) => roles::node(args),
+        Cli::Lb(cmd) => roles::lb(cmd),
+        Cli::Dns(cmd) => roles::dns(cmd),
+        Cli::Ingress(cmd) => roles::ingress(cmd),
+        Cli::Echo(cmd) => roles::echo(cmd),
         Cli::Client(cmd) => tokio::runtime::Runtime::new()?.block_on(cli::run(cmd, None)),
     }
 }

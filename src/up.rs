@@ -1,11 +1,14 @@
 //! `weir up` and `weir server`: open the store, start the API server, write the admin
-//! kubeconfig, and run until Ctrl-C or SIGTERM. All state is in the store and the data
-//! dir, so the next start comes back where this one stopped.
+//! kubeconfig, start the scheduler and controllers, and (for `up`) this machine's node
+//! roles: the node agent, the eBPF load balancer, cluster DNS and ingress. Runs until Ctrl-C
+//! or SIGTERM. All state is in the store and the data dir, so the next start comes back
+//! where this one stopped.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 use weir_apiserver::{Config, Server, ServiceCidr, kubeconfig};
 use weir_store::StoreSpec;
 
@@ -34,22 +37,54 @@ pub struct UpArgs {
     /// Do not merge the `weir` context into ~/.kube/config (or $KUBECONFIG).
     #[arg(long)]
     no_kubeconfig_merge: bool,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+/// This machine as a node of the cluster `weir up` starts.
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    /// Run only the control plane: no node agent, load balancer, DNS or ingress here.
+    #[arg(long)]
+    control_plane_only: bool,
+    /// Name of this machine's Node; default: the host name.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// This node's address; default: the first global IPv4 address of its namespace.
+    #[arg(long)]
+    node_ip: Option<Ipv4Addr>,
+    /// Extra flags for the node agent (as `weir node` takes them), e.g. `--agent-arg=--backoff=2`.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+    /// Extra flags for the load balancer (as `weir lb run` takes them).
+    #[arg(long = "lb-arg", allow_hyphen_values = true)]
+    lb_args: Vec<String>,
+    /// Extra flags for cluster DNS (as `weir dns` takes them), e.g. `--dns-arg=--dns-listen=0.0.0.0:5353`.
+    #[arg(long = "dns-arg", allow_hyphen_values = true)]
+    dns_args: Vec<String>,
+    /// Extra flags for the ingress proxy (as `weir ingress` takes them).
+    #[arg(long = "ingress-arg", allow_hyphen_values = true)]
+    ingress_args: Vec<String>,
 }
 
 pub fn up(args: UpArgs) -> anyhow::Result<()> {
-    run(args.control_plane, !args.no_kubeconfig_merge)
+    let node = (!args.node.control_plane_only).then_some(args.node);
+    run(args.control_plane, !args.no_kubeconfig_merge, node)
 }
 
 pub fn server(args: ControlPlaneArgs) -> anyhow::Result<()> {
-    run(args, false)
+    run(args, false, None)
 }
 
-fn run(args: ControlPlaneArgs, merge: bool) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(run_async(args, merge))
+fn run(args: ControlPlaneArgs, merge: bool, node: Option<NodeArgs>) -> anyhow::Result<()> {
+    crate::roles::runtime()?.block_on(run_async(args, merge, node))
 }
 
-async fn run_async(args: ControlPlaneArgs, merge: bool) -> anyhow::Result<()> {
+async fn run_async(
+    args: ControlPlaneArgs,
+    merge: bool,
+    node: Option<NodeArgs>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating the data dir {}", args.data_dir.display()))?;
     let spec = if args.etcd.is_empty() {
@@ -88,9 +123,155 @@ async fn run_async(args: ControlPlaneArgs, merge: bool) -> anyhow::Result<()> {
     };
     print_banner(&url, &spec, &own, merged.as_deref());
 
-    server.run(shutdown_signal()).await?;
+    let shutdown = crate::roles::shutdown_on_signal();
+    let ca = server.pki().dir().join("ca.crt");
+    let token = server.pki().admin_token.clone();
+    let serving = tokio::spawn(server.run(shutdown.clone().cancelled_owned()));
+    let client = crate::roles::client(Some(&own)).await?;
+
+    let mut roles = tokio::task::JoinSet::new();
+    roles.spawn(role(
+        "scheduler",
+        weir_scheduler::run(
+            client.clone(),
+            weir_scheduler::RunConfig::default(),
+            shutdown.clone().cancelled_owned(),
+        ),
+        shutdown.clone(),
+    ));
+    let controllers = weir_controllers::run(
+        client.clone(),
+        weir_controllers::Config::default(),
+        shutdown.clone().cancelled_owned(),
+    );
+    roles.spawn(role(
+        "controllers",
+        async move {
+            controllers.await;
+            Ok::<(), std::convert::Infallible>(())
+        },
+        shutdown.clone(),
+    ));
+    if let Some(node) = node {
+        let node_roles = NodeRoles::parse(&node, &url, &token, &ca, &args)?;
+        node_roles.spawn(&mut roles, client, shutdown.clone());
+    }
+
+    // The first role to fail stops the others: a half-running node is worse than none.
+    while let Some(done) = roles.join_next().await {
+        if let Ok(Err(e)) = done {
+            tracing::error!("{e:#}");
+            shutdown.cancel();
+        }
+    }
+    serving.await.context("API server task")??;
     tracing::info!("stopped; state is kept in {}", args.data_dir.display());
     Ok(())
+}
+
+/// Run one role until it ends; an error is reported with the role's name.
+async fn role<E: std::fmt::Display>(
+    name: &'static str,
+    task: impl std::future::Future<Output = Result<(), E>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let result = task.await;
+    match result {
+        Ok(()) if shutdown.is_cancelled() => Ok(()),
+        Ok(()) => anyhow::bail!("{name} stopped unexpectedly"),
+        Err(e) => anyhow::bail!("{name}: {e}"),
+    }
+}
+
+/// The node roles of `weir up`, each parsed from its own flag definitions.
+struct NodeRoles {
+    agent: weir_agent::Args,
+    lb: weir_lb::Args,
+    dns: weir_dns::Args,
+    ingress: weir_ingress::Args,
+    service_cidr: String,
+}
+
+impl NodeRoles {
+    fn parse(
+        node: &NodeArgs,
+        url: &str,
+        token: &str,
+        ca: &Path,
+        cp: &ControlPlaneArgs,
+    ) -> anyhow::Result<Self> {
+        let mut agent = vec![
+            format!("--server={url}"),
+            format!("--token={token}"),
+            format!("--certificate-authority={}", ca.display()),
+            format!("--state-dir={}", cp.data_dir.join("agent").display()),
+        ];
+        if let Some(name) = &node.node_name {
+            agent.push(format!("--node-name={name}"));
+        }
+        if let Some(ip) = node.node_ip {
+            agent.push(format!("--node-ip={ip}"));
+        }
+        agent.extend(node.agent_args.iter().cloned());
+        let mut lb = node.lb_args.clone();
+        if let Some(name) = &node.node_name {
+            lb.push(format!("--node-name={name}"));
+        }
+        Ok(Self {
+            agent: crate::roles::role_args(&agent).context("node agent flags")?,
+            lb: crate::roles::role_args(&lb).context("load balancer flags (--lb-arg)")?,
+            dns: crate::roles::role_args(&node.dns_args).context("DNS flags (--dns-arg)")?,
+            ingress: crate::roles::role_args(&node.ingress_args)
+                .context("ingress flags (--ingress-arg)")?,
+            service_cidr: cp.service_cidr.to_string(),
+        })
+    }
+
+    fn spawn(
+        self,
+        roles: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+        client: kube::Client,
+        shutdown: CancellationToken,
+    ) {
+        // Traffic to a Service address that no hook rewrote must never leave the host.
+        if let Err(e) = weir_lb::install_unreachable_routes(&[&self.service_cidr]) {
+            tracing::warn!(
+                "cannot install the unreachable route for {}: {e}",
+                self.service_cidr
+            );
+        }
+        let node_name = self.agent.node_name.clone();
+        roles.spawn(role(
+            "node agent",
+            weir_agent::run(
+                self.agent,
+                client.clone(),
+                shutdown.clone().cancelled_owned(),
+            ),
+            shutdown.clone(),
+        ));
+        roles.spawn(role(
+            "load balancer",
+            weir_lb::run(self.lb, client.clone(), shutdown.clone()),
+            shutdown.clone(),
+        ));
+        let dns_port = self.dns.listen.port();
+        roles.spawn(role(
+            "cluster DNS",
+            weir_dns::run(self.dns, client.clone(), shutdown.clone()),
+            shutdown.clone(),
+        ));
+        roles.spawn(role(
+            "ingress",
+            weir_ingress::run(self.ingress, client.clone(), shutdown.clone()),
+            shutdown.clone(),
+        ));
+        roles.spawn(role(
+            "cluster DNS Service",
+            crate::cluster_dns::publish(client, node_name, dns_port, shutdown.clone()),
+            shutdown,
+        ));
+    }
 }
 
 fn print_banner(url: &str, spec: &StoreSpec, own: &Path, merged: Option<&Path>) {
@@ -111,22 +292,4 @@ fn print_banner(url: &str, spec: &StoreSpec, own: &Path, merged: Option<&Path>) 
         None => println!("  try: KUBECONFIG={} kubectl get nodes", own.display()),
     }
     println!("Ctrl-C stops it; the next start comes back with the same state.");
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops weir");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("shutting down");
 }
