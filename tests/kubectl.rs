@@ -59,6 +59,9 @@ impl Cluster {
         let log = std::fs::File::create(self.dir.path().join("weir.log")).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_weir"))
             .arg("up")
+            // kubectl against the control plane only: node roles would bind ports 53/80/443,
+            // build a bridge and attach BPF in the test runner's own network namespace.
+            .arg("--control-plane-only")
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")
