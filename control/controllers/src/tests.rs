@@ -523,7 +523,7 @@ async fn a_silent_node_turns_unreachable_and_its_pods_move() {
     // unreachable, its pods are evicted and the ReplicaSet's replacements go to node-b.
     wait_for(
         "both replicas on node-b",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         on_node("node-b"),
     )
     .await;
