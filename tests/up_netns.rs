@@ -1,0 +1,390 @@
+//! End to end: `weir up` with every role, inside a network namespace this test creates (no
+//! route out of it), then `examples/hello.yaml` through the real kubectl. Checks what a user
+//! would: pods Running with their own IPs; from inside a pod, the ClusterIP answers from
+//! several pods through the BPF socket load balancer and cluster DNS answers A/SRV/PTR at
+//! 10.96.0.10; the ingress routes `Host: hello.example.com` to the pods; no iptables nat
+//! rules exist; deleting the Service turns its name into NXDOMAIN.
+//!
+//! Needs root, bpffs, cgroup2 and kubectl, curl and dig (installed by `dev.sh`). Every
+//! namespace, cgroup, pin and process it makes is removed on drop, even on failure.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+/// The cgroup2 mount point, read from /proc/mounts.
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// Everything the test creates, torn down in reverse on drop.
+struct Node {
+    name: String,
+    dir: tempfile::TempDir,
+    cgroup: PathBuf,
+    bpf_root: PathBuf,
+    weir: Option<Child>,
+}
+
+impl Node {
+    fn start() -> Node {
+        let id = std::process::id();
+        let name = format!("weir-up-{id}");
+        let node = Node {
+            dir: tempfile::tempdir().expect("tempdir"),
+            cgroup: cgroup2_root().join(format!("weir-up-{id}")),
+            bpf_root: PathBuf::from(format!("/sys/fs/bpf/weir-up-{id}")),
+            name,
+            weir: None,
+        };
+        // A "host" namespace with an address but no route out of it.
+        for args in [
+            vec!["netns", "add", &node.name],
+            vec!["-n", &node.name, "link", "set", "lo", "up"],
+            vec![
+                "-n", &node.name, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+            ],
+            vec![
+                "-n",
+                &node.name,
+                "addr",
+                "add",
+                "172.30.0.2/24",
+                "dev",
+                "eth0",
+            ],
+            vec!["-n", &node.name, "link", "set", "eth0", "up"],
+            vec!["-n", &node.name, "link", "set", "eth0p", "up"],
+        ] {
+            run_ok(Command::new("ip").args(&args));
+        }
+        node
+    }
+
+    fn netns(&self) -> String {
+        format!("--net=/run/netns/{}", self.name)
+    }
+
+    fn up(&mut self) {
+        let data = self.dir.path().join("data");
+        let log = std::fs::File::create(self.dir.path().join("weir.log")).expect("log");
+        let subtree = self
+            .cgroup
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("cgroup name")
+            .to_string();
+        let child = Command::new("nsenter")
+            .arg(self.netns())
+            .arg(WEIR)
+            .args(["up", "--no-kubeconfig-merge", "--node-name", "e2e"])
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--lb-arg=--bpf-root={}", self.bpf_root.display()))
+            .arg(format!("--lb-arg=--cgroup={}", self.cgroup.display()))
+            .arg(format!("--agent-arg=--cgroup-subtree={subtree}/e2e"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn weir up");
+        self.weir = Some(child);
+        self.wait_for("the node to be Ready", Duration::from_secs(60), || {
+            let out = self.kubectl(&[
+                "get",
+                "node",
+                "e2e",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ]);
+            String::from_utf8_lossy(&out.stdout) == "True"
+        });
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("data/kubeconfig")
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("nsenter")
+            .arg(self.netns())
+            .arg("kubectl")
+            .arg(format!("--kubeconfig={}", self.kubeconfig().display()))
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run `argv` inside `pod_netns`, as a process of the load balancer's cgroup, as pod
+    /// processes are.
+    fn in_pod(&self, pod_netns: &str, argv: &[&str]) -> Output {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{pod_netns} \"$@\"",
+            self.probe_cgroup().display()
+        );
+        Command::new("sh")
+            .args(["-c", &script, "sh"])
+            .args(argv)
+            .output()
+            .expect("run in pod")
+    }
+
+    fn probe_cgroup(&self) -> PathBuf {
+        let p = self.cgroup.join("e2e-probe");
+        std::fs::create_dir_all(&p).expect("probe cgroup");
+        p
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("weir.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+        format!("\n--- weir up log (tail) ---\n{tail}")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut weir) = self.weir.take() {
+            // Remove the workload first so the agent stops the pods it runs.
+            let _ = self.kubectl(&["delete", "namespace", "hello", "--timeout=30s"]);
+            let _ = Command::new("kill")
+                .args(["-TERM", &weir.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline && matches!(weir.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = weir.kill();
+            let _ = weir.wait();
+        }
+        // Whatever is left in the test's cgroups goes, then the cgroups themselves.
+        let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
+        std::thread::sleep(Duration::from_millis(200));
+        let mut hierarchies = vec![self.cgroup.clone()];
+        for v1 in ["cpu", "memory"] {
+            if let Some(name) = self.cgroup.file_name() {
+                hierarchies.push(Path::new("/sys/fs/cgroup").join(v1).join(name));
+            }
+        }
+        for root in hierarchies {
+            remove_cgroup_tree(&root);
+        }
+        let _ = std::fs::remove_dir_all(&self.bpf_root);
+        // Pod namespaces of this node, then the node namespace.
+        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let ns = line.split_whitespace().next().unwrap_or_default();
+                if ns.starts_with("weir-") && ns != self.name && ns.len() > 36 {
+                    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+                }
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn weir_up_serves_hello_through_lb_dns_and_ingress() {
+    let mut node = Node::start();
+    node.up();
+
+    // The example, with `weir echo` run from this build.
+    let manifest =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello.yaml"))
+            .expect("examples/hello.yaml")
+            .replace("command: [\"weir\", ", &format!("command: [\"{WEIR}\", "));
+    let path = node.dir.path().join("hello.yaml");
+    std::fs::write(&path, manifest).expect("write manifest");
+    node.kubectl_ok(&["apply", "-f", path.to_str().expect("path")]);
+    node.kubectl_ok(&[
+        "wait",
+        "-n",
+        "hello",
+        "--for=condition=Ready",
+        "pod",
+        "-l",
+        "app=hello",
+        "--timeout=90s",
+    ]);
+    let ips = node.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        "hello",
+        "-o",
+        "jsonpath={.items[*].status.podIP}",
+    ]);
+    let ips: BTreeSet<&str> = ips.split_whitespace().collect();
+    assert_eq!(ips.len(), 3, "three pods, each with its own IP: {ips:?}");
+
+    let cluster_ip = node.kubectl_ok(&[
+        "get",
+        "svc",
+        "hello",
+        "-n",
+        "hello",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    let uid = node.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        "hello",
+        "-o",
+        "jsonpath={.items[0].metadata.uid}",
+    ]);
+    let pod_netns = format!("weir-{uid}");
+    node.wait_for(
+        "the Service in the BPF maps",
+        Duration::from_secs(20),
+        || {
+            node.in_pod(
+                &pod_netns,
+                &["curl", "-s", "-m", "2", &format!("http://{cluster_ip}/")],
+            )
+            .status
+            .success()
+        },
+    );
+
+    // ClusterIP from inside a pod: answered by more than one pod.
+    let mut answered_by = BTreeSet::new();
+    for _ in 0..12 {
+        let out = node.in_pod(
+            &pod_netns,
+            &["curl", "-s", "-m", "2", &format!("http://{cluster_ip}/")],
+        );
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            body.starts_with("pod=hello-"),
+            "curl ClusterIP: {body:?} {out:?}"
+        );
+        answered_by.insert(
+            body.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert!(
+        answered_by.len() >= 2,
+        "load spread over pods: {answered_by:?}"
+    );
+
+    // Cluster DNS at 10.96.0.10, itself reached through the load balancer.
+    let dig = |args: &[&str]| {
+        let mut argv = vec!["dig", "+time=2", "+tries=2", "@10.96.0.10"];
+        argv.extend_from_slice(args);
+        String::from_utf8_lossy(&node.in_pod(&pod_netns, &argv).stdout).into_owned()
+    };
+    let a = dig(&["+short", "hello.hello.svc.cluster.local"]);
+    assert_eq!(a.trim(), cluster_ip, "A record");
+    let srv = dig(&["+short", "SRV", "_http._tcp.hello.hello.svc.cluster.local"]);
+    assert!(
+        srv.contains("80 hello.hello.svc.cluster.local."),
+        "SRV: {srv}"
+    );
+    let ptr = dig(&["+short", "-x", &cluster_ip]);
+    assert_eq!(ptr.trim(), "hello.hello.svc.cluster.local.", "PTR");
+
+    // Ingress on the node's port 80.
+    let mut ingress_pods = BTreeSet::new();
+    for _ in 0..9 {
+        let out = Command::new("nsenter")
+            .arg(node.netns())
+            .args([
+                "curl",
+                "-s",
+                "-m",
+                "2",
+                "-H",
+                "Host: hello.example.com",
+                "http://127.0.0.1/",
+            ])
+            .output()
+            .expect("curl ingress");
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(body.starts_with("pod=hello-"), "ingress: {body:?}");
+        ingress_pods.insert(
+            body.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert!(ingress_pods.len() >= 2, "ingress spreads: {ingress_pods:?}");
+
+    // No iptables NAT anywhere in the node.
+    let nat = Command::new("nsenter")
+        .arg(node.netns())
+        .args(["iptables-save", "-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    assert!(
+        !nat.contains("KUBE-") && !nat.to_lowercase().contains("weir"),
+        "no service NAT rules: {nat}"
+    );
+
+    // Deleting the Service removes its name (the issue asks for within a second; this waits
+    // up to 5 s and asserts no timing).
+    node.kubectl_ok(&["delete", "svc", "hello", "-n", "hello"]);
+    node.wait_for("NXDOMAIN after delete", Duration::from_secs(5), || {
+        dig(&["hello.hello.svc.cluster.local"]).contains("status: NXDOMAIN")
+    });
+}
