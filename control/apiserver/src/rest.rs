@@ -19,6 +19,7 @@ use weir_api::{ApiError, Resource, StatusReason, registry};
 use weir_store::{Error as StoreError, KeyValue, ListOptions};
 
 use crate::Shared;
+use crate::admit::{Write, admit};
 use crate::alloc::Held;
 use crate::meta;
 use crate::table;
@@ -88,6 +89,11 @@ pub fn store_error(e: StoreError) -> ApiError {
         StoreError::Unavailable(msg) => {
             ApiError::unavailable(format!("storage is unavailable: {msg}"))
         }
+        // Under the request limit but over what one store value may hold (etcd refuses
+        // such writes too): the client must send less, so 413 as kube-apiserver answers.
+        StoreError::ValueTooLarge { size, limit, .. } => ApiError::too_large(&format!(
+            "the object is {size} bytes when stored, over the storage limit of {limit} bytes"
+        )),
         other => ApiError::internal(&other.to_string()),
     }
 }
@@ -278,12 +284,6 @@ fn parse_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
         ));
     }
     Ok(value)
-}
-
-/// Decoding, defaulting and validation of an incoming object (`old` on update), via the
-/// API crate's admission chain.
-fn admit(res: &Resource, obj: Value, old: Option<&Value>, strict: bool) -> Result<Value, ApiError> {
-    crate::admit::admit(res, obj, old, strict)
 }
 
 /// Label and field selectors of a list or watch, plus the name of a single-object watch.
@@ -641,7 +641,7 @@ pub async fn create(
     } else {
         meta::metadata_mut(&mut obj).remove("generation");
     }
-    let mut obj = admit(res, obj, None, strict)?;
+    let mut obj = admit(res, obj, Write::Create, strict)?;
     let name = meta::name(&obj).to_string();
     if name.is_empty() {
         return Err(ApiError::invalid(
@@ -825,7 +825,11 @@ async fn commit(
         m.remove("managedFields");
         m.remove("selfLink");
     }
-    let mut new = admit(res, new, Some(&old), strict)?;
+    let write = match sub {
+        None => Write::Update(&old),
+        Some(_) => Write::Subresource(&old),
+    };
+    let mut new = admit(res, new, write, strict)?;
     if let Some(g) = meta::metadata(&old)
         .and_then(|m| m.get("generation"))
         .and_then(Value::as_i64)

@@ -838,3 +838,81 @@ async fn compacted_watch_gets_410_and_client_certs_authenticate() {
     .await;
     assert_eq!(code, 200, "{body}");
 }
+
+/// `kubectl apply -f -` of `manifest` against the running server.
+async fn kubectl_apply(r: &Running, manifest: &str) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(r.dir.path().join("kubeconfig"))
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(manifest.as_bytes())
+        .await
+        .expect("manifest");
+    drop(stdin);
+    child.wait_with_output().await.expect("kubectl output")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn type_changes_by_apply_and_oversized_objects() {
+    let (r, _store_dir) = embedded().await;
+    let svcs: Api<Service> = Api::namespaced(r.client.clone(), "default");
+    let manifest = |ty: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  type: {ty}\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n"
+        )
+    };
+    let out = kubectl_apply(&r, &manifest("NodePort")).await;
+    assert!(out.status.success(), "{out:?}");
+    let before = svcs.get("web").await.expect("get");
+    let spec = before.spec.expect("spec");
+    let node_port = spec.ports.expect("ports")[0].node_port.expect("allocated");
+    // The allocated nodePort is not in the manifest: without the update preparation the
+    // merged object keeps it and validation refuses it for a ClusterIP Service.
+    let out = kubectl_apply(&r, &manifest("ClusterIP")).await;
+    assert!(out.status.success(), "{out:?}");
+    let after = svcs.get("web").await.expect("get").spec.expect("spec");
+    assert_eq!(after.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(after.ports.expect("ports")[0].node_port, None);
+    assert_eq!(after.external_traffic_policy, None);
+    assert_eq!(after.cluster_ip, spec.cluster_ip);
+    // The node port went back to the pool: another Service may claim it.
+    let other = svc(
+        "other",
+        json!({"type": "NodePort", "ports": [{"port": 81, "nodePort": node_port}]}),
+    );
+    svcs.create(&PostParams::default(), &other)
+        .await
+        .expect("the freed nodePort is free");
+
+    // Under the 3 MiB request limit, over what one stored value may hold.
+    let value = "x".repeat(weir_store::MAX_VALUE_BYTES + 1024);
+    assert!(value.len() < weir_apiserver::MAX_BODY);
+    let pods: Api<Pod> = Api::namespaced(r.client.clone(), "default");
+    let big: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "big"},
+        "spec": {"containers": [{"name": "c", "image": "busybox",
+            "env": [{"name": "BIG", "value": value}]}]},
+    }))
+    .expect("pod");
+    let err = pods
+        .create(&PostParams::default(), &big)
+        .await
+        .expect_err("too large to store");
+    match err {
+        kube::Error::Api(s) => {
+            assert_eq!((s.code, s.reason.as_str()), (413, "RequestEntityTooLarge"));
+            assert!(s.message.contains("storage limit"), "{}", s.message);
+        }
+        other => panic!("not an API error: {other}"),
+    }
+    assert!(pods.get_opt("big").await.expect("get").is_none());
+}
