@@ -8,6 +8,7 @@ mod admit;
 mod alloc;
 mod discovery;
 pub mod kubeconfig;
+mod logs;
 mod meta;
 mod namespaces;
 pub mod pki;
@@ -38,6 +39,7 @@ use weir_api::ApiError;
 use weir_store::Store;
 
 pub use alloc::{CidrError, ServiceCidr};
+pub use logs::AGENT_ENDPOINT_ANNOTATION;
 pub use pki::{Pki, PkiError, User};
 pub use rest::MAX_BODY;
 
@@ -92,6 +94,8 @@ pub(crate) struct Shared {
     shutdown: CancellationToken,
     /// Namespaces last seen open, and when (see `rest::check_namespace_open`).
     open_namespaces: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Connections to node agents, for `pods/log`.
+    agents: logs::AgentClient,
 }
 
 /// A bound, not yet serving API server.
@@ -146,6 +150,7 @@ impl Server {
             listen,
             shutdown: CancellationToken::new(),
             open_namespaces: Default::default(),
+            agents: logs::agent_client(),
         });
         Ok(Self {
             listener,

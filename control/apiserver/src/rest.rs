@@ -1,6 +1,7 @@
 //! The REST verbs on registry resources: URL parsing, content negotiation, and
 //! get/list/create/update/patch/delete/deletecollection plus the `status`, `scale` and
-//! `binding` subresources. Watches are in [`crate::watch`], tables in [`crate::table`].
+//! `binding` subresources. Watches are in [`crate::watch`], tables in [`crate::table`],
+//! `pods/log` in [`crate::logs`].
 //!
 //! Every write is a single store compare-and-swap; anything claimed before it (cluster IPs,
 //! node ports) is released when it fails, so a failed request stores nothing.
@@ -349,6 +350,9 @@ async fn dispatch(api: &Arc<Shared>, req: Request) -> Result<Response> {
             let obj = get_object(api, &t, &name).await?;
             Ok(respond(StatusCode::OK, t.res, obj, repr))
         }
+        (Method::GET, Some(name), Some(sub)) if sub == "log" => {
+            Ok(crate::logs::serve(api, &t, &name, &q).await?)
+        }
         (Method::GET, Some(name), Some(sub)) if sub == "scale" => {
             let obj = get_object(api, &t, &name).await?;
             Ok(json_response(StatusCode::OK, &scale_of(&obj)))
@@ -421,7 +425,7 @@ async fn get_kv(api: &Shared, t: &Target, name: &str) -> Result<KeyValue, ApiErr
         .ok_or_else(|| ApiError::not_found(t.res, name))
 }
 
-async fn get_object(api: &Shared, t: &Target, name: &str) -> Result<Value, ApiError> {
+pub(crate) async fn get_object(api: &Shared, t: &Target, name: &str) -> Result<Value, ApiError> {
     meta::from_kv(&get_kv(api, t, name).await?)
 }
 

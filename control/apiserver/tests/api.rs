@@ -8,9 +8,10 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use http_body_util::BodyExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Service};
 use kube::api::{
-    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
+    Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, WatchEvent,
+    WatchParams,
 };
 use kube::runtime::watcher;
 use serde_json::{Value, json};
@@ -915,4 +916,219 @@ async fn type_changes_by_apply_and_oversized_objects() {
         other => panic!("not an API error: {other}"),
     }
     assert!(pods.get_opt("big").await.expect("get").is_none());
+}
+
+/// A stand-in for a node agent's `containerLogs` endpoint on loopback: answers
+/// `hello from <container>` (refusing `previous`), and with `follow` streams what the test
+/// sends on `lines`.
+struct FakeAgent {
+    url: String,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Dropped to end the followed answer.
+    lines: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn fake_agent() -> FakeAgent {
+    use axum::extract::{OriginalUri, Path, State};
+    use axum::response::IntoResponse;
+    type Follow = Arc<tokio::sync::Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>>;
+    type Seen = Arc<std::sync::Mutex<Vec<String>>>;
+    async fn logs(
+        State((seen, follow)): State<(Seen, Follow)>,
+        Path((_ns, pod, container)): Path<(String, String, String)>,
+        OriginalUri(uri): OriginalUri,
+    ) -> axum::response::Response {
+        seen.lock().expect("seen").push(uri.to_string());
+        let query = uri.query().unwrap_or("");
+        if query.contains("previous=true") {
+            let msg =
+                format!("previous terminated container \"{container}\" in pod \"{pod}\" not found");
+            return (http::StatusCode::BAD_REQUEST, msg).into_response();
+        }
+        if query.contains("follow=true")
+            && let Some(rx) = follow.lock().await.take()
+        {
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx)
+                .map(Ok::<_, std::convert::Infallible>);
+            return axum::body::Body::from_stream(stream).into_response();
+        }
+        format!("hello from {container}\n").into_response()
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let seen: Seen = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/containerLogs/{ns}/{pod}/{container}",
+            axum::routing::get(logs),
+        )
+        .with_state((seen.clone(), Arc::new(tokio::sync::Mutex::new(Some(rx)))));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    FakeAgent {
+        url,
+        seen,
+        lines: Some(tx),
+        task,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_logs_stream_from_the_node_agent() {
+    use futures::AsyncBufReadExt;
+    let (r, _store_dir) = embedded().await;
+    let mut agent = fake_agent().await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let nodes: Api<Node> = Api::all(r.client.clone());
+    for (name, endpoint) in [
+        ("n1", Some(agent.url.as_str())),
+        ("bare", None),
+        ("dead", Some(closed.as_str())),
+    ] {
+        let annotations = match endpoint {
+            Some(e) => json!({weir_apiserver::AGENT_ENDPOINT_ANNOTATION: e}),
+            None => json!({}),
+        };
+        let node: Node =
+            serde_json::from_value(json!({"metadata": {"name": name, "annotations": annotations}}))
+                .expect("node");
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .expect("node");
+    }
+    let pods: Api<Pod> = Api::namespaced(r.client.clone(), "default");
+    for (name, node, containers) in [
+        ("one", Some("n1"), vec!["app"]),
+        ("two", Some("n1"), vec!["a", "b"]),
+        ("unbound", None, vec!["app"]),
+        ("onbare", Some("bare"), vec!["app"]),
+        ("ondead", Some("dead"), vec!["app"]),
+    ] {
+        let containers: Vec<Value> = containers
+            .iter()
+            .map(|c| json!({"name": c, "image": "busybox"}))
+            .collect();
+        let mut spec = json!({"containers": containers});
+        if let Some(n) = node {
+            spec["nodeName"] = json!(n);
+        }
+        let pod: Pod =
+            serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).expect("pod");
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("pod");
+    }
+
+    let tail = LogParams {
+        tail_lines: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(
+        pods.logs("one", &tail).await.expect("logs"),
+        "hello from app\n"
+    );
+    assert_eq!(
+        agent.seen.lock().expect("seen").last().map(String::as_str),
+        Some("/containerLogs/default/one/app?tailLines=3")
+    );
+    let err = pods
+        .logs("two", &Default::default())
+        .await
+        .expect_err("which");
+    assert_eq!(
+        api_status(err),
+        (
+            400,
+            "a container name must be specified for pod two, choose one of: [a b]".to_string()
+        )
+    );
+    let b = LogParams {
+        container: Some("b".into()),
+        ..Default::default()
+    };
+    assert_eq!(pods.logs("two", &b).await.expect("logs"), "hello from b\n");
+    let previous = LogParams {
+        previous: true,
+        ..Default::default()
+    };
+    let err = pods.logs("one", &previous).await.expect_err("no previous");
+    assert_eq!(
+        api_status(err),
+        (
+            400,
+            "previous terminated container \"app\" in pod \"one\" not found".to_string()
+        )
+    );
+    let err = pods
+        .logs("unbound", &Default::default())
+        .await
+        .expect_err("unbound");
+    assert_eq!(
+        api_status(err),
+        (400, "pod unbound does not have a host assigned".to_string())
+    );
+    let (code, msg) = api_status(
+        pods.logs("onbare", &Default::default())
+            .await
+            .expect_err("no endpoint"),
+    );
+    assert_eq!(code, 502);
+    assert!(msg.contains("weir.dev/agent-endpoint"), "{msg}");
+    let (code, msg) = api_status(
+        pods.logs("ondead", &Default::default())
+            .await
+            .expect_err("unreachable"),
+    );
+    assert_eq!(code, 502);
+    assert!(msg.contains("did not answer"), "{msg}");
+    let (code, _) = api_status(
+        pods.logs("nope", &Default::default())
+            .await
+            .expect_err("no pod"),
+    );
+    assert_eq!(code, 404);
+
+    // Follow: each line arrives while the agent's answer is still open.
+    let follow = LogParams {
+        follow: true,
+        ..Default::default()
+    };
+    let mut lines = pods
+        .log_stream("one", &follow)
+        .await
+        .expect("follow")
+        .lines();
+    for line in ["first", "second"] {
+        let tx = agent.lines.as_ref().expect("sender");
+        tx.send(bytes::Bytes::from(format!("{line}\n")))
+            .await
+            .expect("send");
+        let got = tokio::time::timeout(Duration::from_secs(5), lines.next())
+            .await
+            .expect("streamed, not buffered")
+            .expect("a line")
+            .expect("read");
+        assert_eq!(got, line);
+    }
+    // The agent ends its answer (the container exited): so does the client's stream.
+    agent.lines.take();
+    let end = tokio::time::timeout(Duration::from_secs(5), lines.next())
+        .await
+        .expect("ended");
+    assert!(end.is_none(), "{end:?}");
 }
