@@ -48,7 +48,9 @@ case "${1:-}" in
         shift
         install_deps
         cargo build --release --bin weir
-        exec target/release/weir up "$@"
+        # Pods run their `command` from the node's filesystem: examples run `weir echo`.
+        install -m 0755 target/release/weir /usr/local/bin/weir
+        exec /usr/local/bin/weir up "$@"
         ;;
     test)
         install_deps

@@ -3,7 +3,8 @@
 //! would: pods Running with their own IPs; from inside a pod, the ClusterIP answers from
 //! several pods through the BPF socket load balancer and cluster DNS answers A/SRV/PTR at
 //! 10.96.0.10; the ingress routes `Host: hello.example.com` to the pods; no iptables nat
-//! rules exist; deleting the Service turns its name into NXDOMAIN.
+//! rules exist; `kubectl logs` reaches the agent; deleting the Service turns its name into
+//! NXDOMAIN.
 //!
 //! Needs root, bpffs, cgroup2 and kubectl, curl and dig (installed by `dev.sh`). Every
 //! namespace, cgroup, pin and process it makes is removed on drop, even on failure.
@@ -289,6 +290,18 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
         "jsonpath={.items[0].metadata.uid}",
     ]);
     let pod_netns = format!("weir-{uid}");
+
+    // Logs come from the node agent through the API server's pods/log.
+    let pod = node.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        "hello",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    let logs = node.kubectl_ok(&["logs", "-n", "hello", &pod]);
+    assert!(logs.contains("weir echo serving"), "kubectl logs: {logs:?}");
     node.wait_for(
         "the Service in the BPF maps",
         Duration::from_secs(20),

@@ -101,6 +101,8 @@ impl Echo {
 
     /// Serve until `shutdown` is cancelled.
     pub async fn serve(self, shutdown: CancellationToken) {
+        let (http, tcp, udp) = self.local_addrs();
+        tracing::info!(name = %self.name, ?http, ?tcp, ?udp, "weir echo serving");
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(l) = self.http {
             tasks.spawn(serve_http(l, self.name.clone(), shutdown.clone()));
