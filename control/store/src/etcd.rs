@@ -549,7 +549,11 @@ impl Store for EtcdStore {
 
     async fn compact(&self, revision: i64) -> Result<()> {
         let mut kv = self.kv();
-        match tokio::time::timeout(REQUEST_TIMEOUT, kv.compact(revision, None)).await {
+        // Physical: return only once etcd has applied the compaction, so that a watch
+        // started after this call really gets Compacted, as the trait promises (a logical
+        // compaction let a racing watch still replay the compacted events).
+        let opts = etcd_client::CompactionOptions::new().with_physical();
+        match tokio::time::timeout(REQUEST_TIMEOUT, kv.compact(revision, Some(opts))).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.revision_error(e, revision).await),
             Err(_) => Err(timeout_error()),
