@@ -1,10 +1,10 @@
 //! End to end: `weir up` with every role, inside a network namespace this test creates (no
 //! route out of it), then `examples/hello.yaml` through the real kubectl. Checks what a user
 //! would: pods Running with their own IPs; from inside a pod, the ClusterIP answers from
-//! several pods through the BPF socket load balancer and cluster DNS answers A/SRV/PTR at
-//! 10.96.0.10; the ingress routes `Host: hello.example.com` to the pods; no iptables nat
-//! rules exist; `kubectl logs` reaches the agent; deleting the Service turns its name into
-//! NXDOMAIN.
+//! several pods through the BPF socket load balancer, cluster DNS answers A/SRV/PTR at
+//! 10.96.0.10, and `getent hosts hello` resolves through the pod's search path; the ingress
+//! routes `Host: hello.example.com` to the pods; no iptables nat rules exist; `kubectl logs`
+//! reaches the agent; deleting the Service turns its name into NXDOMAIN.
 //!
 //! Needs root, bpffs, cgroup2 and kubectl, curl and dig (installed by `dev.sh`). Every
 //! namespace, cgroup, pin and process it makes is removed on drop, even on failure.
@@ -138,8 +138,18 @@ impl Node {
     /// Run `argv` inside `pod_netns`, as a process of the load balancer's cgroup, as pod
     /// processes are.
     fn in_pod(&self, pod_netns: &str, argv: &[&str]) -> Output {
+        self.in_cgroup(&format!("--net=/run/netns/{pod_netns}"), argv)
+    }
+
+    /// Run `argv` in the network and mount namespaces of process `pid` (a pod's container,
+    /// so with the pod's own resolv.conf), as a process of the load balancer's cgroup.
+    fn in_container(&self, pid: &str, argv: &[&str]) -> Output {
+        self.in_cgroup(&format!("--target={pid} --net --mount"), argv)
+    }
+
+    fn in_cgroup(&self, nsenter_args: &str, argv: &[&str]) -> Output {
         let script = format!(
-            "echo $$ > {}/cgroup.procs && exec nsenter --net=/run/netns/{pod_netns} \"$@\"",
+            "echo $$ > {}/cgroup.procs && exec nsenter {nsenter_args} \"$@\"",
             self.probe_cgroup().display()
         );
         Command::new("sh")
@@ -347,6 +357,19 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     };
     let a = dig(&["+short", "hello.hello.svc.cluster.local"]);
     assert_eq!(a.trim(), cluster_ip, "A record");
+    // The short name through the pod's own resolv.conf (search path, ndots:5).
+    let procs = node.cgroup.join(format!("e2e/pod{uid}/echo/cgroup.procs"));
+    let procs = std::fs::read_to_string(&procs).expect("the echo container's cgroup.procs");
+    let pid = procs
+        .split_whitespace()
+        .next()
+        .expect("a process in the echo container");
+    let getent = node.in_container(pid, &["getent", "hosts", "hello"]);
+    let getent = String::from_utf8_lossy(&getent.stdout).into_owned();
+    assert!(
+        getent.starts_with(&format!("{cluster_ip} ")),
+        "getent hosts hello: {getent:?}"
+    );
     let srv = dig(&["+short", "SRV", "_http._tcp.hello.hello.svc.cluster.local"]);
     assert!(
         srv.contains("80 hello.hello.svc.cluster.local."),
