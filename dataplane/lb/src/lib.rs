@@ -127,9 +127,10 @@ pub struct Args {
     #[arg(long, default_value = maps::DEFAULT_BPF_ROOT)]
     pub bpf_root: PathBuf,
     /// cgroup v2 directory whose processes get socket load balancing (created if missing;
-    /// never the cgroup2 root).
-    #[arg(long, default_value = "/sys/fs/cgroup/unified/weir")]
-    pub cgroup: PathBuf,
+    /// never the cgroup2 root). Default: `<cgroup2 mount>/weir`, the subtree the node agent
+    /// puts pods in, wherever this host mounts cgroup2.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
     /// This node's name, for `internalTrafficPolicy: Local`.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -164,8 +165,12 @@ pub async fn run(
             ),
         });
     }
-    ensure_cgroup(&args.cgroup)?;
-    let maps = load_and_attach(&args.bpf_root, &args.cgroup)?;
+    let cgroup = match args.cgroup {
+        Some(path) => path,
+        None => default_cgroup()?,
+    };
+    ensure_cgroup(&cgroup)?;
+    let maps = load_and_attach(&args.bpf_root, &cgroup)?;
     let syncer = Syncer::new(
         maps,
         MaglevConfig {
@@ -187,6 +192,37 @@ pub async fn run(
     watch::run(client, syncer, cfg, metrics, shutdown).await
 }
 
+/// `<cgroup2 mount>/weir`: the subtree the node agent puts pods in.
+pub fn default_cgroup() -> Result<PathBuf, Error> {
+    cgroup2_mounts()?
+        .into_iter()
+        .next()
+        .map(|mnt| mnt.join("weir"))
+        .ok_or_else(|| Error::Config {
+            field: "--cgroup",
+            reason: "no cgroup2 mount on this host".into(),
+        })
+}
+
+/// Mount points of cgroup2, in /proc/self/mountinfo order.
+fn cgroup2_mounts() -> Result<Vec<PathBuf>, Error> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read /proc/self/mountinfo".into(), e))?;
+    Ok(parse_cgroup2_mounts(&mountinfo))
+}
+
+fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let mount_point = f.get(4)?;
+            (f.get(sep + 1) == Some(&"cgroup2")).then(|| PathBuf::from(mount_point))
+        })
+        .collect()
+}
+
 /// Creates `cgroup` if needed and refuses a cgroup2 mount root: hooks there would catch every
 /// process on the machine.
 pub fn ensure_cgroup(cgroup: &Path) -> Result<(), Error> {
@@ -195,34 +231,55 @@ pub fn ensure_cgroup(cgroup: &Path) -> Result<(), Error> {
     let canon = cgroup
         .canonicalize()
         .map_err(|e| Error::io(format!("resolve {}", cgroup.display()), e))?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("read /proc/self/mountinfo".into(), e))?;
-    let mut is_cgroup2 = false;
-    for line in mountinfo.lines() {
-        let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            continue;
-        };
-        if f.get(sep + 1) != Some(&"cgroup2") {
-            continue;
-        }
-        let mnt = Path::new(f.get(4).copied().unwrap_or_default());
-        if canon == mnt {
-            return Err(Error::Config {
-                field: "--cgroup",
-                reason: format!(
-                    "{} is a cgroup2 root; use a subtree of it",
-                    cgroup.display()
-                ),
-            });
-        }
-        is_cgroup2 |= canon.starts_with(mnt);
+    let mounts = cgroup2_mounts()?;
+    if mounts.contains(&canon) {
+        return Err(Error::Config {
+            field: "--cgroup",
+            reason: format!(
+                "{} is a cgroup2 root; use a subtree of it",
+                cgroup.display()
+            ),
+        });
     }
-    if !is_cgroup2 {
+    if !mounts.iter().any(|mnt| canon.starts_with(mnt)) {
         return Err(Error::Config {
             field: "--cgroup",
             reason: format!("{} is not inside a cgroup2 mount", cgroup.display()),
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup2_mount_is_found_on_hybrid_and_unified_hosts() {
+        let hybrid = "35 25 0:30 / /sys/fs/cgroup/cpu rw,relatime shared:12 - cgroup cgroup rw,cpu\n\
+                      41 25 0:36 / /sys/fs/cgroup/unified rw,relatime shared:18 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mounts(hybrid),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        let unified =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            parse_cgroup2_mounts(unified),
+            vec![PathBuf::from("/sys/fs/cgroup")]
+        );
+        assert!(parse_cgroup2_mounts("garbage\n\n1 2 3\n").is_empty());
+    }
+
+    #[test]
+    fn the_default_cgroup_is_weir_under_this_hosts_cgroup2_mount() {
+        let cgroup = default_cgroup().expect("this host mounts cgroup2");
+        assert_eq!(cgroup.file_name().and_then(|n| n.to_str()), Some("weir"));
+        assert!(
+            cgroup2_mounts()
+                .expect("mounts")
+                .iter()
+                .any(|m| cgroup.starts_with(m))
+        );
+    }
 }

@@ -111,7 +111,7 @@ async fn changes_through_the_api_reach_the_maps() -> Result<()> {
     let bpf = TestBpfRoot::new();
     let args = Args {
         bpf_root: bpf.0.clone(),
-        cgroup: cg.path.clone(),
+        cgroup: Some(cg.path.clone()),
         node_name: None,
         lb_algorithm: Algorithm::Random,
         maglev_table_size: weir_lb::maglev::DEFAULT_TABLE_SIZE,
