@@ -35,7 +35,7 @@ pub async fn publish(
     dns_port: u16,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let node_name = node_name.unwrap_or_else(host_name);
+    let node_name = node_name.unwrap_or_else(weir_agent::default_node_name);
     let nodes: Api<Node> = Api::all(client.clone());
     let gateway = loop {
         if let Ok(node) = nodes.get(&node_name).await
@@ -158,13 +158,6 @@ fn first_address(cidr: &str) -> Option<Ipv4Addr> {
     }
     let mask = u32::MAX << (32 - len);
     Some(Ipv4Addr::from((u32::from(net) & mask) + 1))
-}
-
-/// The node name the agent registers by default.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_lowercase())
-        .unwrap_or_else(|_| "localhost".into())
 }
 
 #[cfg(test)]

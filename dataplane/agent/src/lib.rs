@@ -15,7 +15,7 @@ pub mod pod;
 pub mod probe;
 pub mod runtime;
 
-pub use node::{Args, Error, run};
+pub use node::{Args, Error, default_node_name, run};
 
 #[cfg(test)]
 mod testutil;

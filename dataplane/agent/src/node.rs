@@ -198,7 +198,8 @@ impl Lookup for ApiLookup {
     }
 }
 
-fn host_name() -> String {
+/// The Node name an agent registers when `--node-name` is not given: the host name, lower-cased.
+pub fn default_node_name() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -488,7 +489,7 @@ pub async fn run(
     client: kube::Client,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let name = args.node_name.clone().unwrap_or_else(host_name);
+    let name = args.node_name.clone().unwrap_or_else(default_node_name);
     let node_ip = match args.node_ip {
         Some(ip) => ip,
         None => detect_node_ip(args.netns.as_deref())

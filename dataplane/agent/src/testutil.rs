@@ -59,7 +59,7 @@ pub struct CgroupGuard {
 impl CgroupGuard {
     pub fn new() -> Self {
         let subtree = format!("weir-test/{}", unique("cg"));
-        let cgroups = Cgroups::detect(&subtree).unwrap();
+        let cgroups = Cgroups::detect(&subtree).expect("detect the test cgroup subtree");
         Self { cgroups, subtree }
     }
 }
