@@ -3,7 +3,8 @@
 //! would: pods Running with their own IPs; from inside a pod, the ClusterIP answers from
 //! several pods through the BPF socket load balancer, cluster DNS answers A/SRV/PTR at
 //! 10.96.0.10, and `getent hosts hello` resolves through the pod's search path; the ingress
-//! routes `Host: hello.example.com` to the pods; no iptables nat rules exist; `kubectl logs`
+//! routes `Host: hello.example.com` to the pods, and HTTPS with a TLS Secret chosen by SNI;
+//! no iptables nat rules exist; `kubectl logs`
 //! reaches the agent; deleting the Service turns its name into NXDOMAIN.
 //!
 //! Needs root, bpffs, cgroup2 and kubectl, curl and dig (installed by `dev.sh`). Every
@@ -404,6 +405,58 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
         );
     }
     assert!(ingress_pods.len() >= 2, "ingress spreads: {ingress_pods:?}");
+
+    // HTTPS on the node's port 443 with a certificate from a kubernetes.io/tls Secret, chosen
+    // by SNI: curl verifies the chain against that certificate alone, so a handshake that
+    // succeeds proves the proxy served the Secret's certificate for this name.
+    let tls = rcgen::generate_simple_self_signed(vec!["hello.example.com".to_string()])
+        .expect("self-signed certificate");
+    let cert = node.dir.path().join("hello.crt");
+    let key = node.dir.path().join("hello.key");
+    std::fs::write(&cert, tls.cert.pem()).expect("write cert");
+    std::fs::write(&key, tls.signing_key.serialize_pem()).expect("write key");
+    node.kubectl_ok(&[
+        "create",
+        "secret",
+        "tls",
+        "hello-tls",
+        "-n",
+        "hello",
+        &format!("--cert={}", cert.display()),
+        &format!("--key={}", key.display()),
+    ]);
+    node.kubectl_ok(&[
+        "patch",
+        "ingress",
+        "hello",
+        "-n",
+        "hello",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"tls":[{"hosts":["hello.example.com"],"secretName":"hello-tls"}]}}"#,
+    ]);
+    let https = |host: &str| {
+        Command::new("nsenter")
+            .arg(node.netns())
+            .args(["curl", "-s", "-m", "2", "--cacert"])
+            .arg(&cert)
+            .arg("--resolve")
+            .arg(format!("{host}:443:127.0.0.1"))
+            .arg(format!("https://{host}/"))
+            .output()
+            .expect("curl https")
+    };
+    node.wait_for(
+        "HTTPS with the Secret's certificate",
+        Duration::from_secs(10),
+        || String::from_utf8_lossy(&https("hello.example.com").stdout).starts_with("pod=hello-"),
+    );
+    // Another name does not get hello.example.com's certificate.
+    let other = https("other.example.com");
+    assert!(
+        !other.status.success(),
+        "SNI other.example.com must not verify with hello's certificate: {other:?}"
+    );
 
     // No iptables NAT anywhere in the node.
     let nat = Command::new("nsenter")
