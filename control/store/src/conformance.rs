@@ -578,6 +578,55 @@ async fn many_keys_many_writers(store: Arc<dyn Store>) {
     assert_eq!(seen.iter().copied().collect::<HashSet<_>>(), revisions);
 }
 
+/// `create_all` writes every key or none, and a watch sees exactly the keys it wrote.
+async fn create_all(store: Arc<dyn Store>) {
+    let s = store.as_ref();
+    let start = s.current_revision().await.expect("revision");
+    let mut watch = s.watch("/c/", start).await.expect("watch");
+    assert_eq!(s.create_all(Vec::new()).await.expect("nothing"), Vec::new());
+    let made = s
+        .create_all(vec![
+            ("/c/a".into(), b"1".to_vec()),
+            ("/c/b".into(), b"2".to_vec()),
+        ])
+        .await
+        .expect("create both");
+    assert_eq!(keys(&made), ["/c/a", "/c/b"]);
+    for kv in &made {
+        assert!(kv.mod_revision > start && kv.create_revision == kv.mod_revision);
+        assert_eq!(s.get(&kv.key).await.expect("get").as_ref(), Some(kv));
+    }
+    // One existing key: nothing is written, and the error names that key.
+    let before = s.current_revision().await.expect("revision");
+    match s
+        .create_all(vec![
+            ("/c/x".into(), b"3".to_vec()),
+            ("/c/b".into(), b"4".to_vec()),
+        ])
+        .await
+    {
+        Err(Error::AlreadyExists { key }) => assert_eq!(key, "/c/b"),
+        other => panic!("expected AlreadyExists for /c/b, got {other:?}"),
+    }
+    match s
+        .create_all(vec![
+            ("/c/y".into(), b"5".to_vec()),
+            ("/c/y".into(), b"6".to_vec()),
+        ])
+        .await
+    {
+        Err(Error::AlreadyExists { key }) => assert_eq!(key, "/c/y"),
+        other => panic!("expected AlreadyExists for the repeated /c/y, got {other:?}"),
+    }
+    assert_eq!(s.get("/c/x").await.expect("get"), None);
+    assert_eq!(s.get("/c/y").await.expect("get"), None);
+    assert_eq!(s.current_revision().await.expect("revision"), before);
+    let events = next_events(&mut watch, 2).await;
+    let seen: Vec<&KeyValue> = events.iter().map(|e| put_kv(e).0).collect();
+    assert_eq!(seen, made.iter().collect::<Vec<_>>());
+    assert_quiet(&mut watch, Duration::from_millis(200)).await;
+}
+
 macro_rules! suite {
     ($backend:ident) => {
         mod $backend {
@@ -600,6 +649,7 @@ macro_rules! suite {
             check!(large_values);
             check!(one_key_many_writers);
             check!(many_keys_many_writers);
+            check!(create_all);
         }
     };
 }

@@ -92,6 +92,10 @@ enum Op {
         key: String,
         value: Vec<u8>,
     },
+    /// All of these keys, at consecutive revisions, or none.
+    CreateAll {
+        kvs: Vec<(String, Vec<u8>)>,
+    },
     Update {
         key: String,
         value: Vec<u8>,
@@ -108,8 +112,8 @@ enum Op {
 
 struct Request {
     op: Op,
-    /// The event the write produced; `None` for a compaction.
-    reply: oneshot::Sender<Result<Option<Event>>>,
+    /// The events the write produced; none for a compaction.
+    reply: oneshot::Sender<Result<Vec<Event>>>,
 }
 
 fn storage<E: std::fmt::Display>(context: &'static str) -> impl FnOnce(E) -> Error {
@@ -160,12 +164,15 @@ impl EmbeddedStore {
         })
     }
 
-    async fn write(&self, op: Op) -> Result<Option<Event>> {
-        if let Op::Create { key, value } | Op::Update { key, value, .. } = &op
-            && value.len() > MAX_VALUE_BYTES
-        {
+    async fn write(&self, op: Op) -> Result<Vec<Event>> {
+        let values: Vec<(&String, &Vec<u8>)> = match &op {
+            Op::Create { key, value } | Op::Update { key, value, .. } => vec![(key, value)],
+            Op::CreateAll { kvs } => kvs.iter().map(|(k, v)| (k, v)).collect(),
+            _ => Vec::new(),
+        };
+        if let Some((key, value)) = values.iter().find(|(_, v)| v.len() > MAX_VALUE_BYTES) {
             return Err(Error::ValueTooLarge {
-                key: key.clone(),
+                key: key.to_string(),
                 size: value.len(),
                 limit: MAX_VALUE_BYTES,
             });
@@ -242,7 +249,9 @@ fn run_writer(shared: &Shared, mut rx: mpsc::Receiver<Request>, history: i64) {
                 shared.revision.store(revision, Ordering::Release);
                 let events: Vec<Event> = results
                     .iter()
-                    .filter_map(|r| r.as_ref().ok().cloned().flatten())
+                    .filter_map(|r| r.as_ref().ok())
+                    .flatten()
+                    .cloned()
                     .collect();
                 if !events.is_empty() {
                     // No receiver is fine: nobody watches.
@@ -274,7 +283,7 @@ fn commit_batch(
     batch: &[Request],
     start: i64,
     history: i64,
-) -> Result<(Vec<Result<Option<Event>>>, i64)> {
+) -> Result<(Vec<Result<Vec<Event>>>, i64)> {
     let txn = db.begin_write().map_err(storage("begin"))?;
     let mut revision = start;
     let mut results = Vec::with_capacity(batch.len());
@@ -291,11 +300,12 @@ fn commit_batch(
         for req in batch {
             let result = match &req.op {
                 Op::Compact { revision: to } => {
-                    compact_to(&mut tables.1, &mut compact, *to, revision).map(|()| None)
+                    compact_to(&mut tables.1, &mut compact, *to, revision).map(|()| Vec::new())
                 }
+                Op::CreateAll { kvs } => create_all(&mut tables, kvs, &mut revision)?,
                 op => apply(&mut tables, op, revision + 1)?.map(|event| {
                     revision += 1;
-                    Some(event)
+                    vec![event]
                 }),
             };
             results.push(result);
@@ -337,13 +347,44 @@ fn compact_to(
     Ok(())
 }
 
+/// Creates every key of `kvs` after `revision`, one revision each, or none of them if any
+/// exists (or is named twice). A storage error (outer `Err`) aborts the batch.
+fn create_all(
+    tables: &mut Tables<'_>,
+    kvs: &[(String, Vec<u8>)],
+    revision: &mut i64,
+) -> Result<Result<Vec<Event>>> {
+    for (i, (key, _)) in kvs.iter().enumerate() {
+        let exists = tables.0.get(key.as_str()).map_err(storage("read key"))?;
+        if exists.is_some() || kvs[..i].iter().any(|(k, _)| k == key) {
+            return Ok(Err(Error::AlreadyExists { key: key.clone() }));
+        }
+    }
+    let mut events = Vec::with_capacity(kvs.len());
+    for (key, value) in kvs {
+        let op = Op::Create {
+            key: key.clone(),
+            value: value.clone(),
+        };
+        // Checked above: every create succeeds.
+        match apply(tables, &op, *revision + 1)? {
+            Ok(event) => events.push(event),
+            Err(e) => return Err(Error::Internal(format!("embedded store: {e} after check"))),
+        }
+        *revision += 1;
+    }
+    Ok(Ok(events))
+}
+
 /// One write at `revision`. Checks come before any table change, so a rejected request
 /// leaves nothing behind; a storage error (outer `Err`) aborts the batch.
 fn apply(tables: &mut Tables<'_>, op: &Op, revision: i64) -> Result<Result<Event>> {
     let (kv, log) = tables;
     let key = match op {
         Op::Create { key, .. } | Op::Update { key, .. } | Op::Delete { key, .. } => key.as_str(),
-        Op::Compact { .. } => return Err(Error::Internal("compaction is not a key write".into())),
+        Op::Compact { .. } | Op::CreateAll { .. } => {
+            return Err(Error::Internal("not a single key write".into()));
+        }
     };
     let prev = kv
         .get(key)
@@ -385,8 +426,8 @@ fn apply(tables: &mut Tables<'_>, op: &Op, revision: i64) -> Result<Result<Event
             prev: Some(p),
         },
         (Op::Delete { .. }, Some(p)) => Event::Delete { prev: p, revision },
-        (Op::Compact { .. }, _) => {
-            return Err(Error::Internal("compaction is not a key write".into()));
+        (Op::Compact { .. } | Op::CreateAll { .. }, _) => {
+            return Err(Error::Internal("not a single key write".into()));
         }
     };
     match &event {
@@ -646,8 +687,8 @@ fn closed_error() -> Error {
     Error::Unavailable("embedded store closed".into())
 }
 
-fn expect_put(event: Option<Event>) -> Result<KeyValue> {
-    match event {
+fn expect_put(events: Vec<Event>) -> Result<KeyValue> {
+    match events.into_iter().next() {
         Some(Event::Put { kv, .. }) => Ok(kv),
         _ => Err(Error::Internal("embedded store: write gave no put".into())),
     }
@@ -676,6 +717,14 @@ impl Store for EmbeddedStore {
         expect_put(self.write(Op::Create { key, value }).await?)
     }
 
+    async fn create_all(&self, kvs: Vec<(String, Vec<u8>)>) -> Result<Vec<KeyValue>> {
+        self.write(Op::CreateAll { kvs })
+            .await?
+            .into_iter()
+            .map(|e| expect_put(vec![e]))
+            .collect()
+    }
+
     async fn update(&self, key: &str, value: Vec<u8>, expected_revision: i64) -> Result<KeyValue> {
         let key = key.to_owned();
         let op = Op::Update {
@@ -692,7 +741,7 @@ impl Store for EmbeddedStore {
             key,
             expected: expected_revision,
         };
-        match self.write(op).await? {
+        match self.write(op).await?.into_iter().next() {
             Some(Event::Delete { prev, revision }) => Ok((prev, revision)),
             _ => Err(Error::Internal(
                 "embedded store: delete gave no delete".into(),

@@ -459,6 +459,60 @@ impl Store for EtcdStore {
         })
     }
 
+    async fn create_all(&self, kvs: Vec<(String, Vec<u8>)>) -> Result<Vec<KeyValue>> {
+        let Some((first, _)) = kvs.first() else {
+            return Ok(Vec::new());
+        };
+        // etcd refuses a transaction that puts one key twice; name it as the trait says.
+        for (i, (key, _)) in kvs.iter().enumerate() {
+            if kvs[..i].iter().any(|(k, _)| k == key) {
+                return Err(Error::AlreadyExists { key: key.clone() });
+            }
+        }
+        let len = kvs.iter().map(|(_, v)| v.len()).sum();
+        let txn = Txn::new()
+            .when(
+                kvs.iter()
+                    .map(|(k, _)| Compare::create_revision(k.as_str(), CompareOp::Equal, 0))
+                    .collect::<Vec<_>>(),
+            )
+            .and_then(
+                kvs.iter()
+                    .map(|(k, v)| TxnOp::put(k.as_str(), v.clone(), None))
+                    .collect::<Vec<_>>(),
+            )
+            .or_else(
+                kvs.iter()
+                    .map(|(k, _)| TxnOp::get(k.as_str(), Some(GetOptions::new().with_count_only())))
+                    .collect::<Vec<_>>(),
+            );
+        let resp = self.txn(txn, first, len).await?;
+        if !resp.succeeded() {
+            let existing = resp
+                .op_responses()
+                .into_iter()
+                .zip(&kvs)
+                .find_map(|(op, (key, _))| match op {
+                    TxnOpResponse::Get(get) if get.count() > 0 => Some(key.clone()),
+                    _ => None,
+                });
+            return Err(Error::AlreadyExists {
+                // A key that existed at the compare but was gone at the get: still taken.
+                key: existing.unwrap_or_else(|| first.clone()),
+            });
+        }
+        let revision = header_revision(&resp)?;
+        Ok(kvs
+            .into_iter()
+            .map(|(key, value)| KeyValue {
+                key,
+                value,
+                create_revision: revision,
+                mod_revision: revision,
+            })
+            .collect())
+    }
+
     async fn update(&self, key: &str, value: Vec<u8>, expected_revision: i64) -> Result<KeyValue> {
         let len = value.len();
         // Without the create_revision check, expected 0 would match an absent key and create it.

@@ -151,6 +151,13 @@ pub trait Store: Send + Sync + 'static {
     /// key-value (its `mod_revision` is the new revision).
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<KeyValue>;
 
+    /// Create every key of `kvs` in one atomic write: all of them, or none when any exists
+    /// or is named twice ([`Error::AlreadyExists`] names the first such key). Returns the
+    /// new key-values in the order given. etcd writes them at one revision; the embedded
+    /// store at consecutive revisions of one commit. An object and the keys that record
+    /// what it claims (a Service's cluster IP) are written this way in one round trip.
+    async fn create_all(&self, kvs: Vec<(String, Vec<u8>)>) -> Result<Vec<KeyValue>>;
+
     /// Replace `key` only if its `mod_revision` is still `expected_revision`
     /// ([`Error::Conflict`] otherwise, [`Error::NotFound`] if absent).
     async fn update(&self, key: &str, value: Vec<u8>, expected_revision: i64) -> Result<KeyValue>;
