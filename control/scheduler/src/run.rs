@@ -1,15 +1,17 @@
 //! The scheduler as a Kubernetes client: watches nodes and pods into the snapshot, schedules
 //! pending pods one at a time, binds them through `pods/binding` (concurrently, so an API
 //! round trip never stalls the next decision), and marks pods that fit nowhere with
-//! PodScheduled=False and kube-scheduler's reason. Unschedulable pods are retried when a node
-//! or pod changes, and at least every [`RunConfig::retry_interval`].
+//! PodScheduled=False and kube-scheduler's reason, plus a `FailedScheduling` Warning Event
+//! whenever that reason changes (`kubectl describe pod` shows it). Unschedulable pods are
+//! retried when a node changes or a pod is deleted, and at least every
+//! [`RunConfig::retry_interval`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Binding, Node, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Binding, Event, EventSource, Node, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -274,7 +276,7 @@ impl State {
             Err(e) => {
                 // Not retried until the pod changes: the same spec fails the same way.
                 let msg = format!("pod spec cannot be scheduled: {e}");
-                mark_unschedulable(client, &pod, "SchedulerError", &msg).await;
+                mark_unschedulable(client, &pod, "SchedulerError", &msg, &self.config).await;
                 return;
             }
         };
@@ -292,7 +294,7 @@ impl State {
             Err(fit) => {
                 let msg = fit.to_string();
                 info!(pod = %info.name, namespace = %info.namespace, reason = %msg, "unschedulable");
-                mark_unschedulable(client, &pod, "Unschedulable", &msg).await;
+                mark_unschedulable(client, &pod, "Unschedulable", &msg, &self.config).await;
                 self.unschedulable.insert(uid, pod);
             }
         }
@@ -341,8 +343,16 @@ async fn bind(api: &Api<Pod>, name: &str, node: &str) -> Result<(), kube::Error>
     .map(drop)
 }
 
-/// Set PodScheduled=False with `reason` and `message`, unless it already says so.
-async fn mark_unschedulable(client: &Client, pod: &Pod, reason: &str, message: &str) {
+/// Set PodScheduled=False with `reason` and `message` and record a FailedScheduling Event,
+/// unless the condition already says so: a pod retried on every node heartbeat gets one
+/// Event per distinct reason, not one per attempt.
+async fn mark_unschedulable(
+    client: &Client,
+    pod: &Pod,
+    reason: &str,
+    message: &str,
+    config: &RunConfig,
+) {
     let (Some(name), Some(ns)) = (&pod.metadata.name, &pod.metadata.namespace) else {
         return;
     };
@@ -376,4 +386,51 @@ async fn mark_unschedulable(client: &Client, pod: &Pod, reason: &str, message: &
     {
         warn!(pod = %name, namespace = %ns, error = %e, "could not record PodScheduled=False");
     }
+    let event = failed_scheduling_event(pod, message, &config.scheduler_name);
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    // Best effort, as kube-scheduler's event recorder: the condition is the record of truth.
+    if let Err(e) = events.create(&PostParams::default(), &event).await {
+        debug!(pod = %name, namespace = %ns, error = %e, "could not record FailedScheduling event");
+    }
 }
+
+/// The core/v1 Event kube-scheduler records for a pod that could not be scheduled.
+pub fn failed_scheduling_event(pod: &Pod, message: &str, scheduler: &str) -> Event {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    Event {
+        metadata: ObjectMeta {
+            // The recorder's naming: the object's name and a unique hex suffix.
+            name: Some(format!("{name}.{:x}", now.as_nanosecond())),
+            namespace: pod.metadata.namespace.clone(),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(name),
+            namespace: pod.metadata.namespace.clone(),
+            uid: pod.metadata.uid.clone(),
+            resource_version: pod.metadata.resource_version.clone(),
+            ..Default::default()
+        },
+        reason: Some("FailedScheduling".into()),
+        message: Some(message.into()),
+        type_: Some("Warning".into()),
+        source: Some(EventSource {
+            component: Some(scheduler.into()),
+            host: None,
+        }),
+        reporting_component: Some(scheduler.into()),
+        reporting_instance: Some(scheduler.into()),
+        action: Some("Scheduling".into()),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        count: Some(1),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
