@@ -240,6 +240,11 @@ fn remove_cgroup_tree(dir: &Path) {
     let _ = std::fs::remove_dir(dir);
 }
 
+/// `text` as the body of a YAML block scalar nested under a two-space key.
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("    {l}\n")).collect()
+}
+
 fn run_ok(cmd: &mut Command) {
     let out = cmd.output().expect("spawn");
     assert!(
@@ -412,19 +417,21 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     let tls = rcgen::generate_simple_self_signed(vec!["hello.example.com".to_string()])
         .expect("self-signed certificate");
     let cert = node.dir.path().join("hello.crt");
-    let key = node.dir.path().join("hello.key");
     std::fs::write(&cert, tls.cert.pem()).expect("write cert");
-    std::fs::write(&key, tls.signing_key.serialize_pem()).expect("write key");
-    node.kubectl_ok(&[
-        "create",
-        "secret",
-        "tls",
-        "hello-tls",
-        "-n",
-        "hello",
-        &format!("--cert={}", cert.display()),
-        &format!("--key={}", key.display()),
-    ]);
+    // Applied as a manifest: kubectl 1.32's `create secret tls` sends protobuf, which weir's
+    // API server does not decode (it answers 415).
+    let secret = node.dir.path().join("hello-tls.yaml");
+    std::fs::write(
+        &secret,
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: hello-tls\n  namespace: hello\n\
+             type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+            indent(&tls.cert.pem()),
+            indent(&tls.signing_key.serialize_pem())
+        ),
+    )
+    .expect("write secret");
+    node.kubectl_ok(&["apply", "-f", secret.to_str().expect("path")]);
     node.kubectl_ok(&[
         "patch",
         "ingress",
