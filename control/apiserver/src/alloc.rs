@@ -4,6 +4,10 @@
 //! `/registry/weir/nodeports/<port>`) created with a store `create`, which is a
 //! compare-and-swap on both backends: two concurrent creates can never both own a value,
 //! allocations persist with the store, and deleting the key releases the value.
+//!
+//! A new Service ([`Allocator::create`]) picks its values first and writes them with the
+//! object in one [`Store::create_all`], so a create costs one store round trip; only a
+//! crowded range falls back to claiming values one at a time.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -17,7 +21,7 @@ use weir_api::{ApiError, Cause, Resource};
 use weir_store::{Error as StoreError, Store};
 
 use crate::meta;
-use crate::rest::store_error;
+use crate::rest::{object_error, store_error};
 
 const IP_PREFIX: &str = "/registry/weir/serviceips/";
 const PORT_PREFIX: &str = "/registry/weir/nodeports/";
@@ -145,10 +149,32 @@ impl Held {
     }
 }
 
+/// A value to claim in the same write as the object.
+struct Pending {
+    key: String,
+    value: Vec<u8>,
+    /// The error if someone holds it: `None` for a value picked at random (pick another).
+    taken: Option<ApiError>,
+}
+
+/// Claim values at once (`Now`), or collect them for one write with the object (`Defer`).
+enum Mode<'a> {
+    Now,
+    Defer(&'a mut Vec<Pending>),
+}
+
+/// Random picks written with the object before falling back to claims one at a time.
+const CREATE_TRIES: usize = 8;
+
 pub struct Allocator {
     store: Arc<dyn Store>,
     pub cidr: ServiceCidr,
     pub node_ports: RangeInclusive<u16>,
+}
+
+/// The value of an allocation key: who holds it.
+fn owner_value(owner: &str) -> Vec<u8> {
+    json!({ "owner": owner }).to_string().into_bytes()
 }
 
 fn needs_node_ports(svc: &Value) -> bool {
@@ -169,14 +195,119 @@ impl Allocator {
 
     /// Claim `key`: true if we got it, false if someone holds it.
     async fn claim(&self, key: String, owner: &str) -> Result<bool, ApiError> {
-        match self
-            .store
-            .create(&key, json!({ "owner": owner }).to_string().into_bytes())
-            .await
-        {
+        match self.store.create(&key, owner_value(owner)).await {
             Ok(_) => Ok(true),
             Err(StoreError::AlreadyExists { .. }) => Ok(false),
             Err(e) => Err(store_error(e)),
+        }
+    }
+
+    /// Claim `key` now, or add it to the write of the object; `taken` is the error when
+    /// someone holds it.
+    async fn take(
+        &self,
+        mode: &mut Mode<'_>,
+        key: String,
+        owner: &str,
+        taken: impl FnOnce() -> ApiError,
+    ) -> Result<(), ApiError> {
+        match mode {
+            Mode::Now => match self.claim(key, owner).await? {
+                true => Ok(()),
+                false => Err(taken()),
+            },
+            Mode::Defer(pending) => {
+                pending.push(Pending {
+                    key,
+                    value: owner_value(owner),
+                    taken: Some(taken()),
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// A free cluster IP claimed now, or a random candidate for the write of the object.
+    async fn pick_ip(&self, mode: &mut Mode<'_>, owner: &str) -> Result<Ipv4Addr, ApiError> {
+        let Mode::Defer(pending) = mode else {
+            return self.allocate_ip(owner).await;
+        };
+        let dns = self.cidr.dns_ip();
+        let ip = loop {
+            let ip = self
+                .cidr
+                .nth(rand::rng().random_range(2..self.cidr.size() - 1));
+            if ip != dns {
+                break ip;
+            }
+        };
+        pending.push(Pending {
+            key: format!("{IP_PREFIX}{ip}"),
+            value: owner_value(owner),
+            taken: None,
+        });
+        Ok(ip)
+    }
+
+    /// A free node port claimed now, or a random candidate for the write of the object.
+    async fn pick_port(&self, mode: &mut Mode<'_>, owner: &str) -> Result<u16, ApiError> {
+        let Mode::Defer(pending) = mode else {
+            return self.allocate_port(owner).await;
+        };
+        let port = rand::rng().random_range(self.node_ports.clone());
+        pending.push(Pending {
+            key: format!("{PORT_PREFIX}{port}"),
+            value: owner_value(owner),
+            taken: None,
+        });
+        Ok(port)
+    }
+
+    /// Store the new Service `svc` at `key` with its cluster IP and node ports, claimed in
+    /// the same atomic write; returns the stored object with its `resourceVersion`.
+    pub async fn create(&self, res: &Resource, svc: Value, key: &str) -> Result<Value, ApiError> {
+        let name = meta::name(&svc).to_string();
+        for _ in 0..CREATE_TRIES {
+            let mut obj = svc.clone();
+            let mut pending = Vec::new();
+            self.assign_inner(
+                res,
+                &mut obj,
+                None,
+                &mut Held::default(),
+                &mut Mode::Defer(&mut pending),
+            )
+            .await?;
+            let mut kvs = vec![(key.to_string(), meta::to_stored(&obj))];
+            kvs.extend(pending.iter().map(|p| (p.key.clone(), p.value.clone())));
+            match self.store.create_all(kvs).await {
+                Ok(kvs) => {
+                    let rv = kvs.first().map_or(0, |kv| kv.mod_revision);
+                    meta::set_rv(&mut obj, rv);
+                    return Ok(obj);
+                }
+                Err(StoreError::AlreadyExists { key: held }) if held != key => {
+                    match pending.into_iter().find(|p| p.key == held) {
+                        Some(Pending { taken: Some(e), .. }) => return Err(e),
+                        // A random pick someone holds: pick again.
+                        _ => continue,
+                    }
+                }
+                Err(e) => return Err(object_error(res, &name, e)),
+            }
+        }
+        // A crowded range: claim values one by one (scanning it if need be), then write.
+        let mut obj = svc;
+        let claimed = self.assign(res, &mut obj, None).await?;
+        match self.store.create(key, meta::to_stored(&obj)).await {
+            Ok(kv) => {
+                meta::set_rv(&mut obj, kv.mod_revision);
+                Ok(obj)
+            }
+            Err(e) => {
+                self.release(&claimed).await;
+                Err(object_error(res, &name, e))
+            }
         }
     }
 
@@ -250,7 +381,10 @@ impl Allocator {
         old: Option<&Value>,
     ) -> Result<Held, ApiError> {
         let mut claimed = Held::default();
-        match self.assign_inner(res, svc, old, &mut claimed).await {
+        match self
+            .assign_inner(res, svc, old, &mut claimed, &mut Mode::Now)
+            .await
+        {
             Ok(()) => Ok(claimed),
             Err(e) => {
                 self.release(&claimed).await;
@@ -265,6 +399,7 @@ impl Allocator {
         svc: &mut Value,
         old: Option<&Value>,
         claimed: &mut Held,
+        mode: &mut Mode<'_>,
     ) -> Result<(), ApiError> {
         let name = meta::name(svc).to_string();
         let owner = format!(
@@ -325,18 +460,19 @@ impl Allocator {
                         ),
                     ));
                 }
-                if !self.claim(format!("{IP_PREFIX}{ip}"), &owner).await? {
-                    return Err(invalid(
+                self.take(mode, format!("{IP_PREFIX}{ip}"), &owner, || {
+                    invalid(
                         "spec.clusterIPs[0]",
                         json!(asked),
                         &format!("failed to allocate IP {ip}: provided IP is already allocated"),
-                    ));
-                }
+                    )
+                })
+                .await?;
                 claimed.ips.push(ip);
                 Some(asked)
             }
             (None, None) => {
-                let ip = self.allocate_ip(&owner).await?;
+                let ip = self.pick_ip(mode, &owner).await?;
                 claimed.ips.push(ip);
                 Some(ip.to_string())
             }
@@ -398,13 +534,10 @@ impl Allocator {
                             ),
                         ));
                     }
-                    if !self.claim(format!("{PORT_PREFIX}{n}"), &owner).await? {
-                        return Err(invalid(
-                            &field,
-                            json!(n),
-                            "provided port is already allocated",
-                        ));
-                    }
+                    self.take(mode, format!("{PORT_PREFIX}{n}"), &owner, || {
+                        invalid(&field, json!(n), "provided port is already allocated")
+                    })
+                    .await?;
                     claimed.ports.push(n);
                 }
                 None => {
@@ -419,7 +552,7 @@ impl Allocator {
                     let n = match kept {
                         Some(n) if !claimed.ports.contains(&n) => n,
                         _ => {
-                            let n = self.allocate_port(&owner).await?;
+                            let n = self.pick_port(mode, &owner).await?;
                             claimed.ports.push(n);
                             n
                         }

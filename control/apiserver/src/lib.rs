@@ -6,6 +6,7 @@
 
 mod admit;
 mod alloc;
+mod cacher;
 mod discovery;
 pub mod kubeconfig;
 mod logs;
@@ -87,6 +88,8 @@ pub enum ServeError {
 /// State shared by every request.
 pub(crate) struct Shared {
     store: Arc<dyn Store>,
+    /// Watch caches, one per watched resource type.
+    caches: cacher::Caches,
     alloc: alloc::Allocator,
     pki: Pki,
     listen: SocketAddr,
@@ -139,7 +142,9 @@ impl Server {
         };
         let pki = Pki::load_or_create(&dir, &hosts).map_err(pki_err)?;
         let tls = TlsAcceptor::from(Arc::new(pki.server_config().map_err(pki_err)?));
+        let shutdown = CancellationToken::new();
         let shared = Arc::new(Shared {
+            caches: cacher::Caches::new(config.store.clone(), shutdown.clone()),
             alloc: alloc::Allocator::new(
                 config.store.clone(),
                 config.service_cidr,
@@ -148,7 +153,7 @@ impl Server {
             store: config.store,
             pki,
             listen,
-            shutdown: CancellationToken::new(),
+            shutdown,
             open_namespaces: Default::default(),
             agents: logs::agent_client(),
         });

@@ -3,8 +3,9 @@
 //! `binding` subresources. Watches are in [`crate::watch`], tables in [`crate::table`],
 //! `pods/log` in [`crate::logs`].
 //!
-//! Every write is a single store compare-and-swap; anything claimed before it (cluster IPs,
-//! node ports) is released when it fails, so a failed request stores nothing.
+//! Every write is a single store compare-and-swap (a new Service's cluster IP and node
+//! ports are claimed in the same atomic write); anything an update claims before its write
+//! is released when the write fails, so a failed request stores nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -99,7 +100,7 @@ pub fn store_error(e: StoreError) -> ApiError {
     }
 }
 
-fn object_error(res: &Resource, name: &str, e: StoreError) -> ApiError {
+pub(crate) fn object_error(res: &Resource, name: &str, e: StoreError) -> ApiError {
     match e {
         StoreError::NotFound { .. } => ApiError::not_found(res, name),
         StoreError::AlreadyExists { .. } => ApiError::already_exists(res, name),
@@ -660,21 +661,16 @@ pub async fn create(
     if let Some(ns) = t.namespace.as_deref().filter(|_| res.namespaced) {
         check_namespace_open(api, ns, res, &name).await?;
     }
-    let claimed = if res.kind == "Service" {
-        api.alloc.assign(res, &mut obj, None).await?
-    } else {
-        Held::default()
-    };
-    match api.store.create(&t.key(&name), meta::to_stored(&obj)).await {
-        Ok(kv) => {
-            meta::set_rv(&mut obj, kv.mod_revision);
-            Ok(obj)
-        }
-        Err(e) => {
-            api.alloc.release(&claimed).await;
-            Err(object_error(res, &name, e))
-        }
+    if res.kind == "Service" {
+        return api.alloc.create(res, obj, &t.key(&name)).await;
     }
+    let kv = api
+        .store
+        .create(&t.key(&name), meta::to_stored(&obj))
+        .await
+        .map_err(|e| object_error(res, &name, e))?;
+    meta::set_rv(&mut obj, kv.mod_revision);
+    Ok(obj)
 }
 
 fn namespaces() -> &'static Resource {

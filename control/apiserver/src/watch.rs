@@ -1,7 +1,11 @@
-//! Watches: a chunked stream of `{"type": ..., "object": ...}` lines fed by a store watch.
+//! Watches: a chunked stream of `{"type": ..., "object": ...}` lines, fed by the resource's
+//! watch cache ([`crate::cacher`]), or by a store watch of its own when the cache no longer
+//! holds the requested revision.
 //!
 //! `resourceVersion` unset or `0` (or `sendInitialEvents=true`) starts with the current
-//! objects as ADDED events; otherwise events after that revision are sent. A selector turns
+//! objects as ADDED events (from the cache for `0`, which accepts any recent state; from
+//! the store for unset, which asks for the newest); otherwise events after that revision
+//! are sent. A selector turns
 //! an update that moves an object into or out of the selection into ADDED or DELETED, as
 //! kube-apiserver does. A compacted revision ends the stream with an ERROR event holding a
 //! 410 Expired Status, so clients re-list; a store failure ends the stream, and clients
@@ -16,11 +20,13 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http::{StatusCode, header};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use weir_api::{ApiError, Resource};
 use weir_store::{Error as StoreError, Event, ListOptions, WatchStream};
 
 use crate::Shared;
+use crate::cacher::{CachedEvent, CachedObject};
 use crate::meta;
 use crate::rest::{Filter, Query, Repr, Result, Target, partial_metadata, store_error};
 use crate::table;
@@ -56,6 +62,21 @@ impl Encoder {
             }
         };
         line(&json!({"type": ty, "object": object}))
+    }
+
+    /// Like [`Encoder::event`], reusing the cached object's JSON for plain objects.
+    fn cached(&mut self, ty: &str, o: &CachedObject) -> Bytes {
+        if self.repr != Repr::Object {
+            return self.event(ty, &o.obj);
+        }
+        let json = o.json();
+        let mut b = Vec::with_capacity(json.len() + 32);
+        b.extend_from_slice(b"{\"type\":\"");
+        b.extend_from_slice(ty.as_bytes());
+        b.extend_from_slice(b"\",\"object\":");
+        b.extend_from_slice(json);
+        b.extend_from_slice(b"}\n");
+        Bytes::from(b)
     }
 
     fn bookmark(&self, rv: i64, initial_end: bool) -> Bytes {
@@ -110,40 +131,79 @@ pub async fn serve(api: Arc<Shared>, t: Target, q: Query, repr: Repr) -> Result<
         Some(_) => false,
         None => rv.is_empty() || rv == "0",
     };
+    let initial_end = flag(&q, "sendInitialEvents") && bookmarks;
     let prefix = t.res.namespace_prefix(t.namespace.as_deref());
     let mut enc = Encoder {
         res: t.res,
         repr,
         sent_columns: false,
     };
+    // Without a cache (the store cannot list or watch right now) a watch falls back to a
+    // store watch of its own, which reports the store's error to the client.
+    let cacher = match api.caches.get(t.res).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::debug!(resource = t.res.plural, error = %e, "no watch cache");
+            None
+        }
+    };
 
     let mut initial = Vec::new();
-    let start = if send_initial {
-        let list = api
-            .store
-            .list(&prefix, ListOptions::default())
-            .await
-            .map_err(store_error)?;
-        for kv in &list.items {
-            let obj = meta::from_kv(kv)?;
-            if filter.matches(&obj) {
-                initial.push(enc.event("ADDED", &obj));
+    let mut backlog = Vec::new();
+    let (start, source) = match cacher {
+        // "0" accepts any state, so the cache's own serves, as in kube-apiserver.
+        Some(c) if send_initial && rv == "0" => {
+            let snap = c.snapshot(&prefix);
+            for o in &snap.objects {
+                if filter.matches(&o.obj) {
+                    initial.push(enc.cached("ADDED", o));
+                }
             }
+            if initial_end {
+                initial.push(enc.bookmark(snap.revision, true));
+            }
+            let ended = c.ended.clone();
+            (snap.revision, Ok(Source::Cache(snap.live, ended)))
         }
-        if flag(&q, "sendInitialEvents") && bookmarks {
-            initial.push(enc.bookmark(list.revision, true));
+        cacher => {
+            let start = if send_initial {
+                // Unset: the newest state, read from the store itself.
+                let list = api
+                    .store
+                    .list(&prefix, ListOptions::default())
+                    .await
+                    .map_err(store_error)?;
+                for kv in &list.items {
+                    let obj = meta::from_kv(kv)?;
+                    if filter.matches(&obj) {
+                        initial.push(enc.event("ADDED", &obj));
+                    }
+                }
+                if initial_end {
+                    initial.push(enc.bookmark(list.revision, true));
+                }
+                list.revision
+            } else {
+                rv.parse::<i64>().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "resourceVersion: Invalid value: {rv:?}: must be a number"
+                    ))
+                })?
+            };
+            let cached = cacher.and_then(|c| Some((c.subscribe(start)?, c.ended.clone())));
+            let source = match cached {
+                Some((sub, ended)) => {
+                    backlog = sub.backlog;
+                    Ok(Source::Cache(sub.live, ended))
+                }
+                // Older than the cache's ring: the store still has it, or answers 410.
+                None => api.store.watch(&prefix, start).await.map(Source::Store),
+            };
+            (start, source)
         }
-        list.revision
-    } else {
-        rv.parse::<i64>().map_err(|_| {
-            ApiError::bad_request(format!(
-                "resourceVersion: Invalid value: {rv:?}: must be a number"
-            ))
-        })?
     };
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    let stream = api.store.watch(&prefix, start).await;
     let shutdown = api.shutdown.clone();
     tokio::spawn(async move {
         for b in initial {
@@ -151,14 +211,26 @@ pub async fn serve(api: Arc<Shared>, t: Target, q: Query, repr: Repr) -> Result<
                 return;
             }
         }
-        let stream = match stream {
+        let source = match source {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Ok(error_event(&watch_error(e)))).await;
                 return;
             }
         };
-        pump(stream, tx, enc, filter, start, bookmarks, timeout, shutdown).await;
+        let mut w = Watcher {
+            tx,
+            enc,
+            filter,
+            prefix,
+            last_rv: start,
+        };
+        for event in backlog {
+            if !w.cached(&event).await {
+                return;
+            }
+        }
+        w.pump(source, bookmarks, timeout, shutdown).await;
     });
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     Response::builder()
@@ -167,6 +239,133 @@ pub async fn serve(api: Arc<Shared>, t: Target, q: Query, repr: Repr) -> Result<
         .header(header::CACHE_CONTROL, "no-cache, private")
         .body(body)
         .map_err(|e| ApiError::internal(&e.to_string()).into())
+}
+
+/// Where a watch's events come from.
+enum Source {
+    /// The resource's watch cache, until it ends.
+    Cache(broadcast::Receiver<Arc<CachedEvent>>, CancellationToken),
+    /// A store watch of its own, for a revision the cache no longer holds.
+    Store(WatchStream),
+}
+
+enum Next {
+    Cached(Arc<CachedEvent>),
+    Store(Vec<Event>),
+    /// The watch is over, with the error event to send if any.
+    End(Option<ApiError>),
+}
+
+impl Source {
+    /// Cancel-safe: both receivers are.
+    async fn next(&mut self) -> Next {
+        match self {
+            Source::Cache(live, ended) => tokio::select! {
+                biased;
+                r = live.recv() => match r {
+                    Ok(e) => Next::Cached(e),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        // As kube-apiserver does with a watcher that cannot keep up: close
+                        // it; the client watches again from the last revision it saw.
+                        tracing::info!(behind = n, "closing a watch that fell behind");
+                        Next::End(None)
+                    }
+                    Err(broadcast::error::RecvError::Closed) => Next::End(None),
+                },
+                // Only once everything already broadcast to this watcher is sent.
+                () = ended.cancelled() => Next::End(None),
+            },
+            Source::Store(stream) => match stream.next().await {
+                None => Next::End(None),
+                Some(Ok(events)) => Next::Store(events),
+                Some(Err(e)) => {
+                    let e = watch_error(e);
+                    if e.code == 410 {
+                        Next::End(Some(e))
+                    } else {
+                        tracing::info!(error = %e, "watch ended by a store error");
+                        Next::End(None)
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// One HTTP watch: filters events, encodes them and sends them to the response body.
+struct Watcher {
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    enc: Encoder,
+    filter: Filter,
+    /// Namespace scope: the cache holds the whole resource type.
+    prefix: String,
+    /// The revision of the last event seen, for bookmarks and to skip what came before.
+    last_rv: i64,
+}
+
+impl Watcher {
+    /// Sends what a cached event means to this watcher; false once the client is gone.
+    async fn cached(&mut self, event: &CachedEvent) -> bool {
+        if event.revision <= self.last_rv {
+            return true;
+        }
+        self.last_rv = event.revision;
+        match convert_cached(&mut self.enc, &self.filter, &self.prefix, event) {
+            Some(bytes) => self.tx.send(Ok(bytes)).await.is_ok(),
+            None => true,
+        }
+    }
+
+    async fn pump(
+        mut self,
+        mut source: Source,
+        bookmarks: bool,
+        timeout: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(BOOKMARK_EVERY);
+        tick.tick().await;
+        loop {
+            let next = tokio::select! {
+                _ = &mut deadline => return,
+                _ = shutdown.cancelled() => return,
+                _ = self.tx.closed() => return,
+                _ = tick.tick(), if bookmarks => {
+                    if self.tx.send(Ok(self.enc.bookmark(self.last_rv, false))).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                next = source.next() => next,
+            };
+            match next {
+                Next::End(error) => {
+                    if let Some(e) = error {
+                        let _ = self.tx.send(Ok(error_event(&e))).await;
+                    }
+                    return;
+                }
+                Next::Cached(event) => {
+                    if !self.cached(&event).await {
+                        return;
+                    }
+                }
+                Next::Store(events) => {
+                    for event in events {
+                        self.last_rv = event.revision();
+                        let Some(bytes) = convert(&mut self.enc, &self.filter, &event) else {
+                            continue;
+                        };
+                        if self.tx.send(Ok(bytes)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn watch_error(e: StoreError) -> ApiError {
@@ -181,53 +380,26 @@ fn watch_error(e: StoreError) -> ApiError {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn pump(
-    mut stream: WatchStream,
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    mut enc: Encoder,
-    filter: Filter,
-    mut last_rv: i64,
-    bookmarks: bool,
-    timeout: Duration,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    let deadline = tokio::time::sleep(timeout);
-    tokio::pin!(deadline);
-    let mut tick = tokio::time::interval(BOOKMARK_EVERY);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = &mut deadline => return,
-            _ = shutdown.cancelled() => return,
-            _ = tx.closed() => return,
-            _ = tick.tick(), if bookmarks => {
-                if tx.send(Ok(enc.bookmark(last_rv, false))).await.is_err() {
-                    return;
-                }
-            }
-            next = stream.next() => match next {
-                None => return,
-                Some(Err(e)) => {
-                    let e = watch_error(e);
-                    if e.code == 410 {
-                        let _ = tx.send(Ok(error_event(&e))).await;
-                    } else {
-                        tracing::info!(error = %e, "watch ended by a store error");
-                    }
-                    return;
-                }
-                Some(Ok(events)) => {
-                    for event in events {
-                        last_rv = event.revision();
-                        let Some(bytes) = convert(&mut enc, &filter, &event) else { continue };
-                        if tx.send(Ok(bytes)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
+/// The watch event for one cached event, or None when this watch does not see it.
+fn convert_cached(
+    enc: &mut Encoder,
+    filter: &Filter,
+    prefix: &str,
+    event: &CachedEvent,
+) -> Option<Bytes> {
+    if !event.key.starts_with(prefix) {
+        return None;
+    }
+    let now = filter.matches(&event.obj.obj);
+    if event.deleted {
+        return now.then(|| enc.cached("DELETED", &event.obj));
+    }
+    let before = event.prev.as_ref().map(|p| filter.matches(&p.obj));
+    match (before, now) {
+        (None | Some(false), true) => Some(enc.cached("ADDED", &event.obj)),
+        (Some(true), true) => Some(enc.cached("MODIFIED", &event.obj)),
+        (Some(true), false) => Some(enc.cached("DELETED", &event.obj)),
+        (None | Some(false), false) => None,
     }
 }
 
