@@ -14,6 +14,7 @@ pub mod balance;
 pub mod error;
 pub mod fixtures;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod table;
@@ -290,7 +291,8 @@ fn worker(
         };
         tokio::join!(
             server::serve(http, None, proxy.clone(), cfg.clone(), shutdown.clone()),
-            server::serve(https, Some(tls), proxy, cfg, shutdown),
+            server::serve(https, Some(tls), proxy.clone(), cfg, shutdown.clone()),
+            proxy.sweep_idle(Duration::from_secs(15), &shutdown),
         );
     });
 }

@@ -22,9 +22,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::balance::{EjectPolicy, InFlight, now_ms};
+use crate::balance::{Backend, EjectPolicy, Endpoint, InFlight, now_ms};
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::Metrics;
+use crate::pool::{Conn, Pool, PoolConfig};
 use crate::table::Table;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -123,12 +124,30 @@ impl Body for ReqBody {
     }
 }
 
-/// The body sent downstream: the upstream's, streamed, holding the endpoint's outstanding
-/// count until it ends; or a short message from the proxy itself.
-#[derive(Debug)]
+/// The body sent downstream: the upstream's, streamed; or a short message from the proxy
+/// itself.
 pub enum RespBody {
-    Upstream(Incoming, InFlight),
+    Upstream(UpstreamBody),
     Local(Option<Bytes>),
+}
+
+/// An upstream response body, holding the endpoint's outstanding count and (HTTP/1.1) its
+/// pooled connection until it is dropped: the connection goes back to the pool if the
+/// body was read to the end, and is closed otherwise.
+pub struct UpstreamBody {
+    body: Incoming,
+    _inflight: InFlight,
+    conn: Option<Conn>,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.body.is_end_stream()
+        {
+            conn.release();
+        }
+    }
 }
 
 impl Body for RespBody {
@@ -140,24 +159,31 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RespBody::Upstream(b, _) => Pin::new(b).poll_frame(cx),
+            RespBody::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx),
             RespBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RespBody::Upstream(b, _) => b.is_end_stream(),
+            RespBody::Upstream(u) => u.body.is_end_stream(),
             RespBody::Local(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RespBody::Upstream(b, _) => b.size_hint(),
+            RespBody::Upstream(u) => u.body.size_hint(),
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
+}
+
+/// A failed upstream exchange: whether it failed to connect (the endpoint never saw the
+/// request), and why.
+struct ExchangeError {
+    connect: bool,
+    source: BoxError,
 }
 
 /// Per-request facts gathered for the metrics and the access log.
@@ -169,10 +195,13 @@ struct Outcome {
     attempts: u32,
 }
 
-/// The forwarding half of the ingress: shared by every connection.
+/// The forwarding half of the ingress: one per worker thread, shared by its connections.
 pub struct Proxy {
     table: Arc<ArcSwap<Table>>,
-    h1: Client<HttpConnector, ReqBody>,
+    /// HTTP/1.1 upstream connections of this worker.
+    h1: Pool,
+    /// HTTP/2 upstreams multiplex, so hyper-util's shared pool (one connection per
+    /// endpoint) serves them.
     h2: Client<HttpConnector, ReqBody>,
     cfg: ProxyConfig,
     metrics: Arc<Metrics>,
@@ -195,10 +224,13 @@ impl Proxy {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
+            .pool_max_idle_per_host(16)
             // The proxy sets Host itself: the client's, not the endpoint address.
             .set_host(false);
-        let h1 = builder.build(connector.clone());
+        let h1 = Pool::new(PoolConfig {
+            connect_timeout: cfg.connect_timeout,
+            ..PoolConfig::default()
+        });
         let h2 = builder.http2_only(true).build(connector);
         Proxy {
             table,
@@ -206,6 +238,22 @@ impl Proxy {
             h2,
             cfg,
             metrics,
+        }
+    }
+
+    /// Close this worker's idle upstream connections that expired or were closed, every
+    /// `every`, until `shutdown`.
+    pub async fn sweep_idle(
+        &self,
+        every: Duration,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.h1.sweep(),
+            }
         }
     }
 
@@ -344,7 +392,6 @@ impl Proxy {
         });
         let retryable = empty && !upgrade && is_idempotent(&method);
         let timeout = target.read_timeout.unwrap_or(self.cfg.read_timeout);
-        let client = if backend.h2 { &self.h2 } else { &self.h1 };
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut last_error = None;
         loop {
@@ -362,14 +409,20 @@ impl Proxy {
             let may_retry = retryable
                 && tried.len() < self.cfg.retries
                 && backend.endpoints.len() > tried.len() + 1;
-            let uri = Uri::builder()
-                .scheme(Scheme::HTTP)
-                .authority(endpoint.authority.clone())
-                .path_and_query(path.clone())
-                .build()
-                .map_err(|e| {
-                    ProxyError::new(ErrorKind::BadRequest, "request target").with_source(e)
-                })?;
+            // HTTP/1.1 connections take the origin form as is; hyper-util's client wants
+            // the endpoint in the URI to find its connection.
+            let uri = if backend.h2 {
+                Uri::builder()
+                    .scheme(Scheme::HTTP)
+                    .authority(endpoint.authority.clone())
+                    .path_and_query(path.clone())
+                    .build()
+                    .map_err(|e| {
+                        ProxyError::new(ErrorKind::BadRequest, "request target").with_source(e)
+                    })?
+            } else {
+                Uri::from(path.clone())
+            };
             let mut up = Request::new(body.take().unwrap_or(ReqBody::Empty));
             *up.method_mut() = method.clone();
             *up.uri_mut() = uri;
@@ -381,31 +434,38 @@ impl Proxy {
             };
 
             let inflight = InFlight::new(endpoint.clone());
-            let e = match tokio::time::timeout(timeout, client.request(up)).await {
-                Ok(Ok(mut resp)) => {
-                    endpoint.succeeded();
-                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                        && let Some(down) = on_upgrade
-                    {
-                        let up = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(tunnel(down, up, inflight));
-                        return Ok(resp.map(|_| RespBody::Local(None)));
+            let e =
+                match tokio::time::timeout(timeout, self.exchange(&backend, &endpoint, up)).await {
+                    Ok(Ok((mut resp, conn))) => {
+                        endpoint.succeeded();
+                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                            && let Some(down) = on_upgrade
+                        {
+                            let up = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(tunnel(down, up, inflight));
+                            return Ok(resp.map(|_| RespBody::Local(None)));
+                        }
+                        strip_hop_by_hop(resp.headers_mut());
+                        return Ok(resp.map(|body| {
+                            RespBody::Upstream(UpstreamBody {
+                                body,
+                                _inflight: inflight,
+                                conn,
+                            })
+                        }));
                     }
-                    strip_hop_by_hop(resp.headers_mut());
-                    return Ok(resp.map(|b| RespBody::Upstream(b, inflight)));
-                }
-                Ok(Err(e)) => e,
-                Err(_) => {
-                    return Err(ProxyError::new(
-                        ErrorKind::UpstreamTimeout,
-                        format!(
-                            "endpoint {} sent no response within {timeout:?}",
-                            endpoint.addr
-                        ),
-                    ));
-                }
-            };
-            if chain_has::<LengthLimitError>(&e) {
+                    Ok(Err(e)) => e,
+                    Err(_) => {
+                        return Err(ProxyError::new(
+                            ErrorKind::UpstreamTimeout,
+                            format!(
+                                "endpoint {} sent no response within {timeout:?}",
+                                endpoint.addr
+                            ),
+                        ));
+                    }
+                };
+            if chain_has::<LengthLimitError>(&*e.source) {
                 return Err(ProxyError::new(
                     ErrorKind::BodyTooLarge,
                     format!(
@@ -414,7 +474,7 @@ impl Proxy {
                     ),
                 ));
             }
-            let kind = if e.is_connect() {
+            let kind = if e.connect {
                 if endpoint.connect_failed(&self.cfg.eject, now) {
                     tracing::warn!(endpoint = %endpoint.addr, upstream = %backend.name, "endpoint ejected after consecutive connect failures");
                 }
@@ -426,7 +486,7 @@ impl Proxy {
                 kind,
                 format!("endpoint {} of {}", endpoint.addr, backend.name),
             )
-            .with_source(e)
+            .with_source(e.source)
             .retryable(retryable);
             if !may_retry {
                 return Err(err);
@@ -435,6 +495,34 @@ impl Proxy {
             tried.push(endpoint.addr);
             last_error = Some(err);
         }
+    }
+
+    /// One request to one endpoint: on this worker's HTTP/1.1 pool, or over HTTP/2.
+    async fn exchange(
+        &self,
+        backend: &Backend,
+        endpoint: &Endpoint,
+        req: Request<ReqBody>,
+    ) -> Result<(Response<Incoming>, Option<Conn>), ExchangeError> {
+        if backend.h2 {
+            return self
+                .h2
+                .request(req)
+                .await
+                .map(|r| (r, None))
+                .map_err(|e| ExchangeError {
+                    connect: e.is_connect(),
+                    source: Box::new(e),
+                });
+        }
+        self.h1
+            .send(endpoint.addr, req)
+            .await
+            .map(|(r, c)| (r, Some(c)))
+            .map_err(|e| ExchangeError {
+                connect: e.is_connect(),
+                source: Box::new(e),
+            })
     }
 
     fn set_forwarded(&self, headers: &mut HeaderMap, conn: &ConnInfo, host: Option<&HeaderValue>) {
