@@ -73,7 +73,8 @@ pub struct Args {
     /// Address of the agent's log endpoint (the `pods/log` backend).
     #[arg(long, default_value = "127.0.0.1:10250")]
     pub listen: std::net::SocketAddr,
-    /// The URL the API server uses to reach the log endpoint; defaults to `http://<listen>`.
+    /// The URL the API server uses to reach the log endpoint; defaults to `http://<listen>`,
+    /// with the node IP in place of an unspecified address such as `0.0.0.0`.
     #[arg(long)]
     pub advertise_url: Option<String>,
     /// cgroup subtree of this agent's pods; defaults to `weir/<node name>`.
@@ -460,6 +461,17 @@ async fn renew_lease(leases: &Api<Lease>, name: &str, duration: Duration) -> Res
     }
 }
 
+/// Where the API server reaches the log endpoint bound to `listen`: that address, or the
+/// node's own address when it is bound to all addresses (`0.0.0.0` is no address to dial,
+/// and an API server on another host reaches this node by its InternalIP).
+fn default_advertise_url(listen: std::net::SocketAddr, node_ip: Ipv4Addr) -> String {
+    if listen.ip().is_unspecified() {
+        format!("http://{node_ip}:{}", listen.port())
+    } else {
+        format!("http://{listen}")
+    }
+}
+
 /// Routes to every other node's pod CIDR via its InternalIP.
 fn routes_from(nodes: &HashMap<String, Node>, me: &str) -> Vec<(Ipv4Cidr, Ipv4Addr)> {
     nodes
@@ -509,7 +521,7 @@ pub async fn run(
     let advertise = args
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{listen}"));
+        .unwrap_or_else(|| default_advertise_url(listen, node_ip));
 
     let nodes: Api<Node> = Api::all(client.clone());
     let mut shutdown = std::pin::pin!(shutdown);

@@ -729,3 +729,16 @@ async fn agent_waits_for_an_api_server_that_is_not_up_yet() {
     })
     .await;
 }
+
+#[test]
+fn the_log_endpoint_is_advertised_at_the_node_ip_when_bound_to_all_addresses() {
+    let ip: Ipv4Addr = "172.30.0.7".parse().unwrap();
+    assert_eq!(
+        default_advertise_url("0.0.0.0:10250".parse().unwrap(), ip),
+        "http://172.30.0.7:10250"
+    );
+    assert_eq!(
+        default_advertise_url("127.0.0.1:10250".parse().unwrap(), ip),
+        "http://127.0.0.1:10250"
+    );
+}
