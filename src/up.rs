@@ -28,6 +28,28 @@ pub struct ControlPlaneArgs {
     /// IPv4 range for Service cluster IPs.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cidr: ServiceCidr,
+    /// How long a node's Lease may go unrenewed before the node turns NotReady
+    /// (kube-controller-manager's flag of this name).
+    #[arg(long, default_value = "40s", value_parser = weir_controllers::nodelifecycle::parse_duration)]
+    node_monitor_grace_period: std::time::Duration,
+    /// How long pods without a toleration of their own stay on an unreachable node before
+    /// they are evicted (kube-apiserver's flag of this name: weir applies it in the node
+    /// lifecycle controller rather than as an admission-added toleration).
+    #[arg(long, default_value = "300")]
+    default_unreachable_toleration_seconds: u64,
+}
+
+impl ControlPlaneArgs {
+    fn controllers(&self) -> weir_controllers::Config {
+        weir_controllers::Config {
+            node_lifecycle: weir_controllers::nodelifecycle::Config {
+                grace_period: self.node_monitor_grace_period,
+                default_toleration: std::time::Duration::from_secs(
+                    self.default_unreachable_toleration_seconds,
+                ),
+            },
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -141,7 +163,7 @@ async fn run_async(
     ));
     let controllers = weir_controllers::run(
         client.clone(),
-        weir_controllers::Config::default(),
+        args.controllers(),
         shutdown.clone().cancelled_owned(),
     );
     roles.spawn(role(

@@ -42,6 +42,41 @@ impl Default for Config {
     }
 }
 
+/// Parses a duration as Kubernetes components' flags take it (Go's `time.ParseDuration`):
+/// a sequence of decimal numbers with units `h`, `m`, `s` or `ms`, e.g. `40s`, `1m30s`,
+/// `0.5s`, or a bare `0`.
+pub fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
+    let bad = |why: &str| format!("invalid duration {value:?}: {why} (e.g. 40s, 1m30s, 500ms)");
+    if value == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut rest = value;
+    let mut total = 0f64;
+    if rest.is_empty() {
+        return Err(bad("empty"));
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(|| bad("missing unit"))?;
+        let number: f64 = rest[..digits].parse().map_err(|_| bad("not a number"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return Err(bad("unknown unit")),
+        };
+        total += number * scale;
+        rest = &rest[unit_len..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad("out of range"))
+}
+
 fn signed(d: Duration) -> SignedDuration {
     SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
@@ -306,6 +341,19 @@ mod tests {
                                       "spec": {"renewTime": renewed}}),
         )
         .expect("lease")
+    }
+
+    #[test]
+    fn durations_parse_as_kubernetes_flags_take_them() {
+        assert_eq!(parse_duration("40s"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "40", "s", "4x", "-1s", "1..2s"] {
+            let err = parse_duration(bad).expect_err(bad);
+            assert!(err.contains("invalid duration"), "{bad}: {err}");
+        }
     }
 
     #[test]
