@@ -3,7 +3,9 @@
 //!
 //! Data flow: API server → [`watch`] (kube-rs reflectors: the snapshot) → [`model::desired`]
 //! (what the maps should hold) → [`plan::plan`] (the diff against a mirror of the maps) →
-//! [`maps::LbMaps::apply`] (only those writes). The BPF side is `ebpf/lb-ebpf`.
+//! [`maps::LbMaps::apply`] (only those writes). The BPF side is `ebpf/lb-ebpf`: socket hooks on
+//! a cgroup ([`load_and_attach`]) and, for traffic from outside the node to NodePorts and
+//! externalIPs, tc programs on the node's external interfaces ([`tc`]).
 
 mod batch;
 pub mod maglev;
@@ -13,9 +15,11 @@ pub mod model;
 pub mod netlab;
 pub mod plan;
 pub mod routes;
+pub mod tc;
+pub mod testrun;
 pub mod watch;
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 pub use tokio_util::sync::CancellationToken;
@@ -131,9 +135,18 @@ pub struct Args {
     /// puts pods in, wherever this host mounts cgroup2.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
-    /// This node's name, for `internalTrafficPolicy: Local`.
+    /// This node's name, for `internalTrafficPolicy: Local` and `externalTrafficPolicy: Local`.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's IPv4 address(es), comma-separated: NodePorts are served on
+    /// nodeIP:nodePort. Default: the IPv4 addresses of the devices.
+    #[arg(long = "node-ip", env = "NODE_IP", value_delimiter = ',')]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// Interfaces that get the tc programs for NodePort and externalIP traffic from outside the
+    /// node, comma-separated, or `none`. Default: the interfaces holding a node IP and those of
+    /// the default route (never loopback, bridges, bridge ports or veths).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
     /// Backend selection for Services without a `weir.dev/lb-algorithm` annotation.
     #[arg(long, value_enum, default_value_t = Algorithm::Random)]
     pub lb_algorithm: Algorithm,
@@ -171,6 +184,13 @@ pub async fn run(
     };
     ensure_cgroup(&cgroup)?;
     let maps = load_and_attach(&args.bpf_root, &cgroup)?;
+    let (devices, node_ips) = devices_and_node_ips(&args.devices, &args.node_ips)?;
+    tc::TcPrograms::load(&args.bpf_root)?.attach(&args.bpf_root, &devices)?;
+    tracing::info!(
+        ?devices,
+        ?node_ips,
+        "tc programs attached for NodePorts and externalIPs"
+    );
     let syncer = Syncer::new(
         maps,
         MaglevConfig {
@@ -180,6 +200,7 @@ pub async fn run(
     )?;
     let cfg = ModelConfig {
         node_name: args.node_name,
+        node_ips,
         default_algorithm: args.lb_algorithm,
     };
     let metrics = metrics::LbMetrics::new();
@@ -190,6 +211,25 @@ pub async fn run(
         tokio::spawn(metrics.clone().serve(listener, shutdown.clone()));
     }
     watch::run(client, syncer, cfg, metrics, shutdown).await
+}
+
+/// The `--devices` and `--node-ip` in effect: given ones as they are, missing ones detected.
+/// `--devices none` attaches to no interface (the detached state is then reconciled too).
+fn devices_and_node_ips(
+    devices: &[String],
+    node_ips: &[Ipv4Addr],
+) -> Result<(Vec<String>, Vec<Ipv4Addr>), Error> {
+    let devices = match devices {
+        [] => tc::detect_devices(node_ips)?,
+        [none] if none == "none" => Vec::new(),
+        given => given.to_vec(),
+    };
+    let node_ips = if node_ips.is_empty() {
+        tc::detect_node_ips(&devices)?
+    } else {
+        node_ips.to_vec()
+    };
+    Ok((devices, node_ips))
 }
 
 /// `<cgroup2 mount>/weir`: the subtree the node agent puts pods in.

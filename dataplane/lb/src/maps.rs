@@ -1,5 +1,6 @@
 //! The loader and the owner of the BPF maps: loads the socket-LB programs, pins maps and links
 //! under a bpffs root, attaches to a cgroup v2 subtree, and applies [`Plan`]s to the maps.
+//! (The tc programs, which share these maps, are loaded and attached by `tc.rs`.)
 //!
 //! Restart model: maps are pinned by name, so a new agent reuses the previous one's maps and
 //! every connection they describe. Links are pinned too; on start the new programs are attached
@@ -20,7 +21,7 @@ use weir_lb_common::{
 use crate::Error;
 use crate::plan::{MapState, Plan};
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-lb"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-lb"));
 
 /// The socket hooks, by program (function) name.
 pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
@@ -36,19 +37,15 @@ pub struct LbMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     maglev: HashMap<MapData, u32, MaglevTable>,
-    rr: Array<MapData, u32>,
+    rr: Array<MapData, u64>,
     counters: PerCpuArray<MapData, Counters>,
 }
 
 /// Loads the programs, attaches them to `cgroup` (a cgroup v2 directory of weir's own, never
 /// the root) and returns the maps. `bpf_root` holds `maps/` and `links/`.
 pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> {
-    ensure_bpffs(bpf_root)?;
-    let maps_dir = bpf_root.join("maps");
+    let maps_dir = prepare_bpf_root(bpf_root)?;
     let links_dir = bpf_root.join("links");
-    for d in [&maps_dir, &links_dir] {
-        std::fs::create_dir_all(d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
-    }
     let cg = File::open(cgroup)
         .map_err(|e| Error::io(format!("open cgroup {}", cgroup.display()), e))?;
     let mut ebpf = EbpfLoader::new()
@@ -102,6 +99,16 @@ pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> 
         take("WEIR_RR")?,
         take("WEIR_COUNTERS")?,
     )
+}
+
+/// Makes sure `bpf_root` is on a bpffs and has its `maps/` and `links/`; returns `maps/`.
+pub(crate) fn prepare_bpf_root(bpf_root: &Path) -> Result<PathBuf, Error> {
+    ensure_bpffs(bpf_root)?;
+    let maps_dir = bpf_root.join("maps");
+    for d in [maps_dir.clone(), bpf_root.join("links")] {
+        std::fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+    }
+    Ok(maps_dir)
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -159,8 +166,9 @@ fn fs_magic(path: &Path) -> Result<i64, Error> {
     Ok(st.f_type as i64)
 }
 
-/// Detaches weir's programs from every cgroup and removes its pinned maps: the counterpart of
-/// [`load_and_attach`] for uninstalling (and for tests).
+/// Detaches weir's programs from every cgroup and device (their links are pinned there) and
+/// removes its pinned maps: the counterpart of [`load_and_attach`] and
+/// [`crate::tc::TcPrograms::attach`] for uninstalling (and for tests).
 pub fn unpin_all(bpf_root: &Path) -> Result<(), Error> {
     match std::fs::remove_dir_all(bpf_root) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

@@ -62,8 +62,11 @@ impl Algorithm {
 /// Per-node settings that shape the desired state.
 #[derive(Clone, Debug, Default)]
 pub struct ModelConfig {
-    /// This node's name, for `internalTrafficPolicy: Local`.
+    /// This node's name, for `internalTrafficPolicy: Local` and `externalTrafficPolicy: Local`
+    /// (EndpointSlice `endpoints[].nodeName`).
     pub node_name: Option<String>,
+    /// This node's addresses: every NodePort is a frontend `nodeIP:nodePort` on each.
+    pub node_ips: Vec<Ipv4Addr>,
     /// Used when a Service has no `weir.dev/lb-algorithm` annotation.
     pub default_algorithm: Algorithm,
 }
@@ -158,32 +161,50 @@ pub fn desired(
                     .and_then(|t| u32::try_from(t).ok())
                     .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECS)
             });
-        let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
-        // A headless Service ("None") has no virtual address to balance.
-        let mut vips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        // ClusterIPs follow internalTrafficPolicy; what is reached from outside the cluster
+        // (externalIPs, load balancer IPs, NodePorts) follows externalTrafficPolicy.
+        let mut cluster_vips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        let mut external_vips: BTreeSet<Ipv4Addr> = BTreeSet::new();
         let cluster_ips = spec
             .cluster_ips
             .iter()
             .flatten()
             .chain(spec.cluster_ip.iter());
-        for ip in cluster_ips.chain(spec.external_ips.iter().flatten()) {
+        let lb_ips = svc
+            .status
+            .iter()
+            .flat_map(|st| st.load_balancer.iter())
+            .flat_map(|lb| lb.ingress.iter().flatten())
+            .filter_map(|i| i.ip.as_ref());
+        let externals = spec.external_ips.iter().flatten().chain(lb_ips);
+        for (ip, external) in cluster_ips
+            .map(|ip| (ip, false))
+            .chain(externals.map(|ip| (ip, true)))
+        {
             if ip == "None" || ip.is_empty() {
                 continue;
             }
             match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(v4)) if external => {
+                    external_vips.insert(v4);
+                }
                 Ok(std::net::IpAddr::V4(v4)) => {
-                    vips.insert(v4);
+                    cluster_vips.insert(v4);
                 }
                 Ok(std::net::IpAddr::V6(_)) => {}
                 Err(_) => problem(format!(
-                    "spec.clusterIPs/externalIPs: {ip:?} is not an IP address"
+                    "spec.clusterIPs/externalIPs/status.loadBalancer: {ip:?} is not an IP address"
                 )),
             }
         }
+        let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let slices = by_service
             .get(&(ns, name))
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let local = |on: bool| on.then_some(cfg.node_name.as_deref());
         for port in spec.ports.iter().flatten() {
             let proto = match port.protocol.as_deref().unwrap_or("TCP") {
                 "TCP" => PROTO_TCP,
@@ -194,27 +215,55 @@ pub fn desired(
                 problem(format!("spec.ports[].port: {} is out of range", port.port));
                 continue;
             };
-            let backends =
-                backends_for(port, slices, local_only.then_some(cfg.node_name.as_deref()));
+            let node_port = match port.node_port.filter(|_| has_node_ports) {
+                None => None,
+                Some(p) => match u16::try_from(p) {
+                    Ok(p) if p != 0 => Some(p),
+                    _ => {
+                        problem(format!("spec.ports[].nodePort: {p} is out of range"));
+                        None
+                    }
+                },
+            };
             let service = ServiceRef {
                 namespace: ns.to_string(),
                 name: name.to_string(),
                 port: port.name.clone().unwrap_or_default(),
             };
-            for vip in &vips {
-                let fe = Frontend {
-                    addr: SocketAddrV4::new(*vip, vport),
-                    proto,
-                };
-                out.insert(
-                    fe,
-                    DesiredFrontend {
-                        service: service.clone(),
-                        backends: backends.clone(),
-                        algorithm,
-                        affinity_timeout_secs,
-                    },
+            let mut add = |addrs: &mut dyn Iterator<Item = SocketAddrV4>,
+                           backends: &Vec<SocketAddrV4>| {
+                for addr in addrs {
+                    out.insert(
+                        Frontend { addr, proto },
+                        DesiredFrontend {
+                            service: service.clone(),
+                            backends: backends.clone(),
+                            algorithm,
+                            affinity_timeout_secs,
+                        },
+                    );
+                }
+            };
+            if !cluster_vips.is_empty() {
+                let backends = backends_for(port, slices, local(internal_local));
+                add(
+                    &mut cluster_vips.iter().map(|ip| SocketAddrV4::new(*ip, vport)),
+                    &backends,
                 );
+            }
+            let node_addrs = node_port.into_iter().flat_map(|np| {
+                cfg.node_ips
+                    .iter()
+                    .map(move |ip| SocketAddrV4::new(*ip, np))
+            });
+            let mut external = external_vips
+                .iter()
+                .map(|ip| SocketAddrV4::new(*ip, vport))
+                .chain(node_addrs)
+                .peekable();
+            if external.peek().is_some() {
+                let backends = backends_for(port, slices, local(external_local));
+                add(&mut external, &backends);
             }
         }
     }
@@ -222,7 +271,8 @@ pub fn desired(
 }
 
 /// Ready endpoints of `port`; only when none is ready, the serving terminating ones (KEP-1669).
-/// `local` = `Some(node)` keeps only endpoints on that node (`internalTrafficPolicy: Local`).
+/// `local` = `Some(node)` keeps only endpoints on that node (`internalTrafficPolicy` or
+/// `externalTrafficPolicy: Local`).
 fn backends_for(
     port: &ServicePort,
     slices: &[&EndpointSlice],

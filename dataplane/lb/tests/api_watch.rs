@@ -113,6 +113,8 @@ async fn changes_through_the_api_reach_the_maps() -> Result<()> {
         bpf_root: bpf.0.clone(),
         cgroup: Some(cg.path.clone()),
         node_name: None,
+        node_ips: Vec::new(),
+        devices: vec!["none".into()],
         lb_algorithm: Algorithm::Random,
         maglev_table_size: weir_lb::maglev::DEFAULT_TABLE_SIZE,
         maglev_seed: weir_lb::maglev::DEFAULT_SEED,

@@ -16,7 +16,7 @@ pub const MAX_BACKEND_SLOTS: u32 = 262_144;
 pub const MAGLEV_MAX: usize = 16_381;
 /// How many services may use Maglev at once (their tables are allocated on demand).
 pub const MAX_MAGLEV_SERVICES: u32 = 4_096;
-/// Capacity of the LRU maps (session affinity, reverse translation).
+/// Capacity of the LRU maps (session affinity, reverse translation, connection tracking).
 pub const LRU_ENTRIES: u32 = 262_144;
 
 pub const PROTO_TCP: u8 = 6;
@@ -71,12 +71,13 @@ pub struct Backend {
     pub _pad: u16,
 }
 
-/// Key of `AFFINITY`. A client is identified by its network namespace cookie: socket hooks run
+/// Key of `AFFINITY`. Socket hooks identify a client by its network namespace cookie: they run
 /// before the source address is chosen, and in a cluster one pod is one network namespace.
+/// The tc path sees packets from outside the node and uses `CLIENT_IP_TAG | source address`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AffinityKey {
-    pub netns_cookie: u64,
+    pub client: u64,
     pub service_id: u32,
     pub _pad: u32,
 }
@@ -109,15 +110,51 @@ pub struct RevNatValue {
     pub _pad: u16,
 }
 
+/// Marks an [`AffinityKey::client`] that is a client IP (tc path), so it never equals a netns
+/// cookie (the kernel hands those out from 1 upwards).
+pub const CLIENT_IP_TAG: u64 = 1 << 63;
+
+/// `CtKey::dir`: a packet from the client to a frontend (value: the backend), or a reply from
+/// the backend to the client (value: the frontend to show as its source).
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REPLY: u8 = 1;
+
+/// Key of the `CT` LRU map of the tc path: a flow's addresses as seen on the wire, in
+/// the direction `dir`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: u16,
+}
+
+/// Value of `CT`: the address to write (the backend for `CT_FORWARD`, the frontend for
+/// `CT_REPLY`), and for forward entries the backend slot, so a flow whose backend left its
+/// slot is balanced again instead of staying stuck on a removed backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+    pub slot: u32,
+}
+
 /// Value of the per-CPU `COUNTERS` array, indexed by service id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
-    /// Connects (TCP and connected UDP) sent to a backend.
+    /// Connects (TCP and connected UDP) sent to a backend, and new flows the tc path balanced.
     pub connections: u64,
     /// Unconnected UDP datagrams sent to a backend.
     pub packets: u64,
-    /// Connects and datagrams refused because the Service had no usable endpoint.
+    /// Connects and datagrams refused (and packets from outside dropped) because the Service
+    /// had no usable endpoint.
     pub refused: u64,
 }
 
@@ -136,17 +173,20 @@ const _: () = assert!(size_of::<AffinityKey>() == 16);
 const _: () = assert!(size_of::<AffinityValue>() == 24);
 const _: () = assert!(size_of::<RevNatKey>() == 16);
 const _: () = assert!(size_of::<RevNatValue>() == 8);
+const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 12);
 const _: () = assert!(size_of::<Counters>() == 24);
 const _: () = assert!(size_of::<MaglevTable>() == MAGLEV_MAX * 4);
 
-/// Flow hash used by Maglev: a 64-bit mix (splitmix64 finaliser) folded to 32 bits.
+/// Flow hash used by Maglev: a 64-bit mix (splitmix64 finaliser). All 64 bits are kept: BPF
+/// reduces it modulo the table size with a 64-bit modulo, which the verifier bounds (it loses
+/// the upper half of a 32-bit one).
 #[inline(always)]
-pub fn flow_hash(a: u64, b: u64) -> u32 {
+pub fn flow_hash(a: u64, b: u64) -> u64 {
     let mut x = a ^ b.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
-    (x ^ (x >> 32)) as u32
+    x ^ (x >> 31)
 }
 
 /// An IPv4 address in the map's byte order.
@@ -181,6 +221,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for MaglevTable {}
 }

@@ -1,4 +1,5 @@
-//! Backend selection and the address rewrite shared by the socket hooks.
+//! Backend selection (shared by the socket hooks and the tc path) and the socket hooks'
+//! address rewrite.
 
 use aya_ebpf::{
     EbpfContext,
@@ -8,6 +9,8 @@ use aya_ebpf::{
     },
     programs::SockAddrContext,
 };
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use weir_lb_common::{
     ALG_MAGLEV, ALG_ROUND_ROBIN, AffinityKey, AffinityValue, Backend, BackendKey, FLAG_AFFINITY,
     MAGLEV_MAX, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, ServiceValue, flow_hash,
@@ -44,7 +47,8 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
     };
     let svc = unsafe { *svc };
     let counters = COUNTERS.get_ptr_mut(svc.id);
-    let Some(backend) = select(ctx, &svc) else {
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some((backend, _)) = select(&svc, netns, flow_id(ctx)) else {
         if let Some(c) = counters {
             unsafe { (*c).refused += 1 };
         }
@@ -90,17 +94,20 @@ pub fn reverse(ctx: &SockAddrContext) {
     }
 }
 
+/// Picks a backend of `svc` (which has `count > 0` or yields `None`) for a flow that Maglev
+/// hashes as `flow` and session affinity knows as `client`. Shared by the socket hooks and
+/// the tc path, so a Service balances the same whichever way its traffic arrives.
+/// Returns the backend and its slot.
 #[inline(always)]
-fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backend> {
+pub fn select(svc: &ServiceValue, client: u64, flow: u64) -> Option<(Backend, u32)> {
     if svc.count == 0 {
         return None;
     }
     let count = svc.count as u32;
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let affinity = svc.flags & FLAG_AFFINITY != 0;
     let now = unsafe { bpf_ktime_get_ns() };
     let akey = AffinityKey {
-        netns_cookie: netns,
+        client,
         service_id: svc.id,
         _pad: 0,
     };
@@ -110,17 +117,10 @@ fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backend> {
             let fresh = now.wrapping_sub(a.last_used_ns)
                 <= svc.affinity_timeout_secs as u64 * 1_000_000_000;
             if fresh && a.slot < count {
-                let bkey = BackendKey {
-                    service_id: svc.id,
-                    slot: a.slot,
-                };
                 // A slot reused for another backend means ours went away: choose again.
-                if let Some(b) = BACKENDS.get_ptr(&bkey) {
-                    let b = unsafe { *b };
-                    if b == a.backend {
-                        a.last_used_ns = now;
-                        return Some(b);
-                    }
+                if backend_in_slot(svc.id, a.slot) == Some(a.backend) {
+                    a.last_used_ns = now;
+                    return Some((a.backend, a.slot));
                 }
             }
         }
@@ -128,10 +128,11 @@ fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backend> {
     let slot = match svc.algorithm {
         ALG_ROUND_ROBIN => {
             let p = RR.get_ptr_mut(svc.id)?;
-            // Not atomic: two CPUs racing may pick the same slot once, which is harmless.
-            let n = unsafe { *p };
-            unsafe { *p = n.wrapping_add(1) };
-            n % count
+            // An atomic fetch-and-add (BPF_ATOMIC_FETCH_ADD) on the shared array value: CPUs
+            // racing for the same Service still take consecutive positions. The intrinsic,
+            // because the BPF target has no compare-and-swap and so no `AtomicU64::fetch_add`.
+            let n = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
+            (n % count as u64) as u32
         }
         ALG_MAGLEV => {
             let table = MAGLEV.get_ptr(svc.id)?;
@@ -139,7 +140,7 @@ fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backend> {
             if size == 0 {
                 return None;
             }
-            let idx = (flow_hash(netns, flow_id(ctx)) % size) as usize;
+            let idx = (flow_hash(client, flow) % size as u64) as usize;
             if idx >= MAGLEV_MAX {
                 return None;
             }
@@ -147,12 +148,7 @@ fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backend> {
         }
         _ => (unsafe { bpf_get_prandom_u32() }) % count,
     };
-    let b = unsafe {
-        *BACKENDS.get_ptr(BackendKey {
-            service_id: svc.id,
-            slot,
-        })?
-    };
+    let b = backend_in_slot(svc.id, slot)?;
     if affinity {
         let v = AffinityValue {
             backend: b,
@@ -162,7 +158,13 @@ fn select(ctx: &SockAddrContext, svc: &ServiceValue) -> Option<Backend> {
         };
         let _ = AFFINITY.insert(&akey, &v, 0);
     }
-    Some(b)
+    Some((b, slot))
+}
+
+#[inline(always)]
+pub fn backend_in_slot(service_id: u32, slot: u32) -> Option<Backend> {
+    let b = BACKENDS.get_ptr(&BackendKey { service_id, slot })?;
+    Some(unsafe { *b })
 }
 
 /// What identifies a flow for Maglev: the bound source port when the socket has one (so a

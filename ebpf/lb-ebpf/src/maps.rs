@@ -1,4 +1,4 @@
-//! The BPF maps of the socket load balancer. All are pinned by name, so a restarted agent
+//! The BPF maps of the load balancer (socket hooks and tc path). All are pinned by name, so a restarted agent
 //! reuses them (and the connections they describe) instead of starting empty.
 
 use aya_ebpf::{
@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use weir_lb_common::{
-    AffinityKey, AffinityValue, Backend, BackendKey, Counters, LRU_ENTRIES, MAX_BACKEND_SLOTS,
-    MAX_MAGLEV_SERVICES, MAX_SERVICES, MaglevTable, RevNatKey, RevNatValue, ServiceKey,
-    ServiceValue,
+    AffinityKey, AffinityValue, Backend, BackendKey, Counters, CtKey, CtValue, LRU_ENTRIES,
+    MAX_BACKEND_SLOTS, MAX_MAGLEV_SERVICES, MAX_SERVICES, MaglevTable, RevNatKey, RevNatValue,
+    ServiceKey, ServiceValue,
 };
 
 #[map(name = "WEIR_SERVICES")]
@@ -29,9 +29,15 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 #[map(name = "WEIR_REVNAT")]
 pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(LRU_ENTRIES, 0);
 
-/// Round-robin position per service id.
+/// Connection tracking of the tc path: both directions of every flow it balanced. Pinned,
+/// and never flushed by a restart, so established flows keep their backend.
+#[map(name = "WEIR_CT")]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(LRU_ENTRIES, 0);
+
+/// Round-robin position per service id, advanced with an atomic fetch-and-add (64-bit: the
+/// BPF target has no 32-bit atomics).
 #[map(name = "WEIR_RR")]
-pub static RR: Array<u32> = Array::pinned(MAX_SERVICES, 0);
+pub static RR: Array<u64> = Array::pinned(MAX_SERVICES, 0);
 
 #[map(name = "WEIR_COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);

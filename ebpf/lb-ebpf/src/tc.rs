@@ -1,0 +1,245 @@
+//! The per-packet path for traffic the socket hooks cannot see: packets that arrive from
+//! outside the node for a NodePort (nodeIP:nodePort), an externalIP or any other frontend in
+//! `SERVICES`, on the node's external interfaces.
+//!
+//! - `ingress` (tc ingress of an external interface): DNAT to a backend chosen by the same
+//!   `select` as connect4, and a pair of `CT` entries, so later packets of the flow keep their
+//!   backend and replies can be translated back.
+//! - `egress` (tc egress of the same interfaces): reverse NAT of replies, so the client sees the
+//!   address it dialled as the source. Replies of a pod to an outside client are routed out of
+//!   an external interface, so its egress sees all of them, whatever pod veth or bridge they
+//!   crossed on the way; the pod side needs no program.
+//!
+//! No SNAT: the client's address reaches the backend (what `externalTrafficPolicy: Local`
+//! promises), which is correct for backends on this node — their replies come back through
+//! this node's routing.
+//!
+//! Anything that is not IPv4 TCP/UDP, a fragment, truncated, or not for a frontend passes
+//! untouched.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    cty::c_long,
+    programs::TcContext,
+};
+use weir_lb_common::{
+    Backend, CLIENT_IP_TAG, CT_FORWARD, CT_REPLY, CtKey, CtValue, PROTO_TCP, PROTO_UDP, ServiceKey,
+};
+
+use crate::lb::{backend_in_slot, select};
+use crate::maps::{COUNTERS, CT, SERVICES};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const IP_CSUM: usize = ETH_HLEN + 10;
+const IP_SADDR: usize = ETH_HLEN + 12;
+const IP_DADDR: usize = ETH_HLEN + 16;
+
+/// The addresses of a packet, as the maps store them (network byte order), and where its L4
+/// header starts.
+struct Flow {
+    saddr: u32,
+    daddr: u32,
+    sport: u16,
+    dport: u16,
+    proto: u8,
+    l4: usize,
+}
+
+impl Flow {
+    fn key(&self, dir: u8) -> CtKey {
+        CtKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            dir,
+            _pad: 0,
+        }
+    }
+}
+
+/// Reads the flow of an IPv4 TCP/UDP packet; `None` for anything this path leaves alone.
+/// Every read goes through `bpf_skb_load_bytes`, which bounds-checks at run time, so a short
+/// packet is a `None`, never a fault.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Option<Flow> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if ethertype != ETH_P_IP.to_be() {
+        return None;
+    }
+    let version_ihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if version_ihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    // A set MF bit or a non-zero offset: later fragments carry no ports to look up.
+    let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+    if u16::from_be(frag) & 0x3fff != 0 {
+        return None;
+    }
+    let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return None;
+    }
+    let l4 = ETH_HLEN + ihl;
+    // The checksum field is the last one rewritten; if it is there, so are the ports.
+    let _: u16 = ctx.load(csum_offset(l4, proto)).ok()?;
+    Some(Flow {
+        saddr: ctx.load(IP_SADDR).ok()?,
+        daddr: ctx.load(IP_DADDR).ok()?,
+        sport: ctx.load(l4).ok()?,
+        dport: ctx.load(l4 + 2).ok()?,
+        proto,
+        l4,
+    })
+}
+
+#[inline(always)]
+fn csum_offset(l4: usize, proto: u8) -> usize {
+    if proto == PROTO_TCP { l4 + 16 } else { l4 + 6 }
+}
+
+/// Client → frontend: DNAT to the flow's backend.
+#[inline(always)]
+pub fn ingress(ctx: &TcContext) -> i32 {
+    let Some(f) = parse(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    let key = ServiceKey {
+        addr: f.daddr,
+        port: f.dport,
+        proto: f.proto,
+        _pad: 0,
+    };
+    let Some(svc) = SERVICES.get_ptr(&key) else {
+        return TC_ACT_OK as i32;
+    };
+    let svc = unsafe { *svc };
+    let fwd = f.key(CT_FORWARD);
+    // A known flow keeps its backend while that backend still holds its slot.
+    let known = CT.get_ptr(&fwd).map(|v| unsafe { *v }).filter(|v| {
+        v.slot < svc.count as u32
+            && backend_in_slot(svc.id, v.slot)
+                == Some(Backend {
+                    addr: v.addr,
+                    port: v.port,
+                    _pad: 0,
+                })
+    });
+    let (addr, port) = match known {
+        Some(v) => (v.addr, v.port),
+        None => {
+            let counters = COUNTERS.get_ptr_mut(svc.id);
+            let client = CLIENT_IP_TAG | f.saddr as u64;
+            let flow = ((f.daddr as u64) << 32) | ((f.sport as u64) << 16) | f.dport as u64;
+            let Some((b, slot)) = select(&svc, client, flow ^ f.proto as u64) else {
+                // No usable endpoint: drop, as kube-proxy does for traffic from outside.
+                if let Some(c) = counters {
+                    unsafe { (*c).refused += 1 };
+                }
+                return TC_ACT_SHOT as i32;
+            };
+            if let Some(c) = counters {
+                unsafe { (*c).connections += 1 };
+            }
+            let reply = CtKey {
+                saddr: b.addr,
+                daddr: f.saddr,
+                sport: b.port,
+                dport: f.sport,
+                proto: f.proto,
+                dir: CT_REPLY,
+                _pad: 0,
+            };
+            let front = CtValue {
+                addr: f.daddr,
+                port: f.dport,
+                _pad: 0,
+                slot: 0,
+            };
+            let back = CtValue {
+                addr: b.addr,
+                port: b.port,
+                _pad: 0,
+                slot,
+            };
+            // Reply entry first: a forwarded packet whose reply could not be translated back
+            // would be a broken flow. LRU inserts fail only on allocation failure.
+            if CT.insert(&reply, &front, 0).is_err() || CT.insert(&fwd, &back, 0).is_err() {
+                return TC_ACT_SHOT as i32;
+            }
+            (b.addr, b.port)
+        }
+    };
+    match rewrite(
+        ctx,
+        &f,
+        IP_DADDR,
+        f.l4 + 2,
+        (f.daddr, f.dport),
+        (addr, port),
+    ) {
+        Ok(()) => TC_ACT_OK as i32,
+        Err(_) => TC_ACT_SHOT as i32,
+    }
+}
+
+/// Backend → client: put the frontend back as the source.
+#[inline(always)]
+pub fn egress(ctx: &TcContext) -> i32 {
+    let Some(f) = parse(ctx) else {
+        return TC_ACT_OK as i32;
+    };
+    let Some(v) = CT.get_ptr(&f.key(CT_REPLY)) else {
+        return TC_ACT_OK as i32;
+    };
+    let v = unsafe { *v };
+    match rewrite(
+        ctx,
+        &f,
+        IP_SADDR,
+        f.l4,
+        (f.saddr, f.sport),
+        (v.addr, v.port),
+    ) {
+        Ok(()) => TC_ACT_OK as i32,
+        Err(_) => TC_ACT_SHOT as i32,
+    }
+}
+
+/// Replaces one address/port pair and patches the IP and L4 checksums incrementally (the L4
+/// one through the pseudo header). A UDP checksum of zero means "none" and stays zero.
+/// A failure half-way leaves an inconsistent packet, which the caller drops.
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    f: &Flow,
+    addr_off: usize,
+    port_off: usize,
+    old: (u32, u16),
+    new: (u32, u16),
+) -> Result<(), c_long> {
+    let csum = csum_offset(f.l4, f.proto);
+    let udp = if f.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    if old.0 != new.0 {
+        ctx.l4_csum_replace(
+            csum,
+            old.0 as u64,
+            new.0 as u64,
+            udp | BPF_F_PSEUDO_HDR as u64 | 4,
+        )?;
+        ctx.l3_csum_replace(IP_CSUM, old.0 as u64, new.0 as u64, 4)?;
+        ctx.store(addr_off, &new.0, 0)?;
+    }
+    if old.1 != new.1 {
+        ctx.l4_csum_replace(csum, old.1 as u64, new.1 as u64, udp | 2)?;
+        ctx.store(port_off, &new.1, 0)?;
+    }
+    Ok(())
+}
