@@ -107,6 +107,11 @@ pub struct Args {
     /// upstream connection pool, so a request never crosses threads; 0 means one per CPU.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Address written to `status.loadBalancer.ingress[].ip` of the Ingresses served (the
+    /// node address clients reach the proxy on, as ingress-nginx's `--publish-status-address`);
+    /// defaults to the HTTP listen address's IP unless that is unspecified (0.0.0.0 or ::).
+    #[arg(long)]
+    pub publish_address: Option<std::net::IpAddr>,
     /// One structured log line per request (target `weir_ingress::access`).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub access_log: bool,
@@ -315,7 +320,15 @@ pub async fn run(
         },
         args.default_ssl_certificate.clone(),
     );
-    let watch = watch::run(client, builder, table, metrics, shutdown.clone());
+    let publish = args
+        .publish_address
+        .or(Some(http.ip()).filter(|ip| !ip.is_unspecified()));
+    if publish.is_none() {
+        tracing::info!(
+            "no --publish-address and a wildcard listen address: Ingress status.loadBalancer is left alone"
+        );
+    }
+    let watch = watch::run(client, builder, table, metrics, publish, shutdown.clone());
     tokio::join!(watch, server.serve(shutdown));
     Ok(())
 }

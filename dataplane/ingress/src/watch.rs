@@ -2,9 +2,12 @@
 //! IngressClasses, Services, EndpointSlices and Secrets; after every burst of changes the
 //! routing table is rebuilt from those caches (the pure [`Builder`]) and swapped in.
 //! Nothing is served from a partial cache: the first table is built once every watch has
-//! finished its initial list.
+//! finished its initial list. After each swap, Ingresses of our class whose
+//! `status.loadBalancer` does not name the published address get it, through the status
+//! subresource.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -12,9 +15,10 @@ use futures::{FutureExt, StreamExt, stream::BoxStream};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +84,7 @@ pub async fn run(
     mut builder: Builder,
     table: Arc<ArcSwap<Table>>,
     metrics: Arc<Metrics>,
+    publish: Option<IpAddr>,
     shutdown: CancellationToken,
 ) {
     let (ingresses, w0) = reflector::store();
@@ -133,5 +138,92 @@ pub async fn run(
             "routing table swapped"
         );
         table.store(Arc::new(next));
+        if let Some(ip) = publish {
+            publish_status(&client, &builder, &stores, ip);
+        }
+    }
+}
+
+/// Whether `ing`'s status.loadBalancer is exactly the one address `ip`.
+fn publishes(ing: &Ingress, ip: &str) -> bool {
+    let lb = ing
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_deref())
+        .unwrap_or_default();
+    matches!(lb, [one] if one.ip.as_deref() == Some(ip) && one.hostname.is_none())
+}
+
+/// Patch, in the background, the status of every Ingress we serve that does not publish
+/// `ip` yet. Our own patch comes back as a watch event and then matches, so nothing loops.
+fn publish_status(client: &Client, builder: &Builder, stores: &Stores, ip: IpAddr) {
+    let ip = ip.to_string();
+    let classes = stores.classes.state();
+    let stale: Vec<(String, String)> = stores
+        .ingresses
+        .state()
+        .iter()
+        .filter(|i| builder.is_ours(i, &classes) && !publishes(i, &ip))
+        .filter_map(|i| Some((i.namespace()?, i.name_any())))
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    let client = client.clone();
+    tokio::spawn(async move {
+        let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
+        for (ns, name) in stale {
+            let api: Api<Ingress> = Api::namespaced(client.clone(), &ns);
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(ingress = %format!("{ns}/{name}"), %ip, "published the ingress address in status.loadBalancer")
+                }
+                Err(e) => {
+                    tracing::warn!(ingress = %format!("{ns}/{name}"), error = %e, "cannot update Ingress status")
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::networking::v1::{
+        IngressLoadBalancerIngress, IngressLoadBalancerStatus, IngressStatus,
+    };
+
+    use super::*;
+
+    fn with_status(ips: &[&str]) -> Ingress {
+        Ingress {
+            status: Some(IngressStatus {
+                load_balancer: Some(IngressLoadBalancerStatus {
+                    ingress: Some(
+                        ips.iter()
+                            .map(|ip| IngressLoadBalancerIngress {
+                                ip: Some(ip.to_string()),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                }),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_is_patched_only_when_it_differs() {
+        assert!(publishes(&with_status(&["10.0.0.5"]), "10.0.0.5"));
+        assert!(!publishes(&Ingress::default(), "10.0.0.5"));
+        assert!(!publishes(&with_status(&["10.0.0.6"]), "10.0.0.5"));
+        assert!(!publishes(
+            &with_status(&["10.0.0.5", "10.0.0.6"]),
+            "10.0.0.5"
+        ));
     }
 }

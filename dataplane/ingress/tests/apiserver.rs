@@ -183,6 +183,31 @@ async fn changes_through_the_api_server_reach_the_proxy() {
     let url = format!("http://{http}/");
     eventually(&url, "hello.example.com", "pod=a").await;
 
+    // The proxy publishes its listen address (127.0.0.1 here) in the Ingress status.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ing = ingresses
+            .get_status("hello")
+            .await
+            .expect("get ingress status");
+        let ips: Vec<Option<String>> = ing
+            .status
+            .and_then(|s| s.load_balancer)
+            .and_then(|lb| lb.ingress)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.ip)
+            .collect();
+        if ips == [Some("127.0.0.1".to_string())] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status.loadBalancer.ingress never became [127.0.0.1]: {ips:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // Point the Ingress at the other Service through the API.
     let patch = serde_json::json!({"spec": {"rules": [{"host": "hello.example.com", "http": {"paths": [
         {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "svc-b", "port": {"number": 80}}}}
