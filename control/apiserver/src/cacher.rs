@@ -9,7 +9,8 @@
 //! kube-apiserver closes a slow watcher, and its client watches again from the last
 //! `resourceVersion` it saw. A cache whose store watch ends (store unreachable, history
 //! compacted) is marked ended: its watchers are closed after the events they already have,
-//! and the next watch of the type builds a new cache.
+//! and the next watch of the type builds a new cache. Lists with `resourceVersion=0` (any
+//! recent state will do) are served from the cache too.
 //!
 //! Order: the state lock is held while an event is applied, appended to the ring and
 //! broadcast, and while a watcher copies the ring and subscribes, so a watcher gets every
@@ -151,19 +152,20 @@ impl Cacher {
         })
     }
 
-    /// The current objects under `prefix`, in key order.
+    /// The current objects under `prefix`, in key order, and a subscription to what follows.
     pub fn snapshot(&self, prefix: &str) -> Snapshot {
         let state = self.lock();
         Snapshot {
-            objects: state
-                .objects
-                .range(prefix.to_string()..)
-                .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(_, o)| o.clone())
-                .collect(),
+            objects: objects_under(&state, prefix),
             revision: state.revision,
             live: state.tx.subscribe(),
         }
+    }
+
+    /// The current objects under `prefix`, in key order, and the revision they are at.
+    pub fn list(&self, prefix: &str) -> (Vec<Arc<CachedObject>>, i64) {
+        let state = self.lock();
+        (objects_under(&state, prefix), state.revision)
     }
 
     fn apply(&self, events: Vec<Event>) {
@@ -234,6 +236,15 @@ impl Cacher {
         }
         self.ended.cancel();
     }
+}
+
+fn objects_under(state: &State, prefix: &str) -> Vec<Arc<CachedObject>> {
+    state
+        .objects
+        .range(prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(_, o)| o.clone())
+        .collect()
 }
 
 /// The caches of every watched resource type, built on first use.

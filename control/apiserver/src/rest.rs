@@ -464,7 +464,30 @@ async fn list(api: &Shared, t: &Target, q: &Query, repr: Repr) -> Result<Respons
     let prefix = t.res.namespace_prefix(t.namespace.as_deref());
     let mut items = Vec::new();
     let mut more = false;
-    loop {
+    // `resourceVersion=0` accepts any recent state: kube-apiserver answers it from its watch
+    // cache, and so does this server. A limit or a continue token pages through the store.
+    let cached = if q.get("resourceVersion").is_some_and(|v| v == "0")
+        && limit == 0
+        && start_after.is_none()
+        && matches!(
+            q.get("resourceVersionMatch").map(String::as_str),
+            None | Some("" | "NotOlderThan")
+        ) {
+        api.caches.get(t.res).await.ok()
+    } else {
+        None
+    };
+    if let Some(cacher) = &cached {
+        let (objects, at) = cacher.list(&prefix);
+        items.extend(
+            objects
+                .iter()
+                .filter(|o| filter.matches(&o.obj))
+                .map(|o| o.obj.clone()),
+        );
+        revision = at;
+    }
+    while cached.is_none() {
         let want = if limit > 0 { limit - items.len() } else { 0 };
         let page = api
             .store

@@ -636,6 +636,60 @@ async fn lists_and_watches(r: &Running) {
     }
     writer.await.expect("writer");
 
+    // resourceVersion=0 lists and watches are served from the watch cache, which may lag
+    // the store by a moment: poll until it has the changes above.
+    let odd_path =
+        "/api/v1/namespaces/default/configmaps?resourceVersion=0&labelSelector=parity%3Dodd";
+    let mut cached_names = Vec::new();
+    for _ in 0..50 {
+        let (code, list) = raw(&c, "GET", odd_path, "application/json", vec![]).await;
+        assert_eq!(code, 200, "{list}");
+        assert_eq!(list["kind"], "ConfigMapList");
+        cached_names = list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        if cached_names == ["page-2", "page-3", "page-5"] {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cached_names, ["page-2", "page-3", "page-5"]);
+    let req = http::Request::get(format!(
+        "{odd_path}&watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan&timeoutSeconds=1"
+    ))
+    .body(kube::client::Body::from(Vec::new()))
+    .expect("request");
+    let resp = c.send(req).await.expect("cached watch");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let lines: Vec<Value> = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("a JSON watch event per line"))
+        .collect();
+    let kinds: Vec<String> = lines
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["type"].as_str().unwrap_or(""),
+                e["object"]["metadata"]["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["ADDED page-2", "ADDED page-3", "ADDED page-5", "BOOKMARK "]
+    );
+    assert_eq!(lines[0]["object"]["kind"], "ConfigMap");
+    assert_eq!(
+        lines[3]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+
     // Table output, as kubectl asks for it.
     let req = http::Request::get("/api/v1/namespaces/default/configmaps?limit=2")
         .header(
