@@ -1,6 +1,7 @@
 //! Network-namespace fixtures for the load balancer's tests and benchmarks: a "node" namespace
 //! with a bridge and no route off the machine, pods as namespaces on veths into that bridge, a
-//! cgroup v2 subtree for the socket hooks, and threads that run inside a pod's namespace.
+//! cgroup v2 subtree for the socket hooks, a client namespace outside the node (for NodePort
+//! traffic), and threads that run inside a namespace.
 //! Everything is removed on drop, also when a test panics.
 
 use std::fs::File;
@@ -92,6 +93,7 @@ pub fn in_netns<T: Send + 'static>(
 /// only the bridge route — no way off the machine.
 pub struct Lab {
     pub host: String,
+    /// Every namespace besides `host` (pods, outside clients), deleted on drop.
     pods: Vec<String>,
 }
 
@@ -161,6 +163,75 @@ impl Lab {
         ip(p, &["link", "set", "eth0", "up"])?;
         ip(p, &["route", "add", "default", "via", "10.244.0.1"])?;
         Ok(Pod { ns, ip: pod_ip })
+    }
+}
+
+/// A machine outside the node, linked to it by a veth: what sends NodePort traffic from
+/// outside. Its only routes lead to the node.
+#[derive(Clone, Debug)]
+pub struct External {
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    /// The node's address on the link (its node IP) and the node-side interface.
+    pub node_ip: Ipv4Addr,
+    pub node_dev: String,
+}
+
+impl Lab {
+    /// Adds a client outside the node: namespace `<host>x` at 192.168.77.1/24 on `eth0`, the
+    /// node at 192.168.77.2/24 on `ext0`, and in the client a route via the node for each
+    /// prefix of `via_node` (e.g. externalIPs).
+    pub fn add_external(&mut self, via_node: &[&str]) -> io::Result<External> {
+        let ns = format!("{}x", self.host);
+        ip(None, &["netns", "add", &ns])?;
+        self.pods.push(ns.clone());
+        let ext = External {
+            ns,
+            ip: Ipv4Addr::new(192, 168, 77, 1),
+            node_ip: Ipv4Addr::new(192, 168, 77, 2),
+            node_dev: "ext0".into(),
+        };
+        let h = Some(self.host.as_str());
+        ip(
+            h,
+            &[
+                "link",
+                "add",
+                &ext.node_dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &ext.ns,
+            ],
+        )?;
+        ip(
+            h,
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", ext.node_ip),
+                "dev",
+                &ext.node_dev,
+            ],
+        )?;
+        ip(h, &["link", "set", &ext.node_dev, "up"])?;
+        let c = Some(ext.ns.as_str());
+        ip(c, &["link", "set", "lo", "up"])?;
+        ip(
+            c,
+            &["addr", "add", &format!("{}/24", ext.ip), "dev", "eth0"],
+        )?;
+        ip(c, &["link", "set", "eth0", "up"])?;
+        for prefix in via_node {
+            ip(
+                c,
+                &["route", "add", prefix, "via", &ext.node_ip.to_string()],
+            )?;
+        }
+        Ok(ext)
     }
 }
 

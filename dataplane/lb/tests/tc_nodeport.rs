@@ -1,0 +1,267 @@
+//! End-to-end test of the tc path on a real kernel: a node namespace with three backend pods
+//! on a bridge, a client namespace outside the node linked to it by a veth (`ext0`, which gets
+//! the tc programs), and NodePort / externalIP traffic from the client. Backends answer with
+//! their name and the peer address they see, so the test checks the client's source address
+//! survives (`externalTrafficPolicy: Local`). Needs root.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use aya::programs::{SchedClassifier, TcAttachType};
+use serde_json::json;
+use weir_lb::netlab::{External, Lab, Pod, TestBpfRoot, in_netns};
+use weir_lb::tc::TcPrograms;
+use weir_lb::{LbMaps, MaglevConfig, ModelConfig, Syncer, model};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+/// TCP 9000: sends "<name> <peer>" and then echoes lines; UDP 5353: answers "<name> <peer>".
+fn serve(pod: &Pod, name: &str) -> Result<()> {
+    let n = name.to_string();
+    in_netns(&pod.ns, move || -> std::io::Result<()> {
+        let l = TcpListener::bind(("0.0.0.0", 9000))?;
+        for s in l.incoming() {
+            let n = n.clone();
+            std::thread::spawn(move || -> std::io::Result<()> {
+                let mut s = s?;
+                let peer = s.peer_addr()?;
+                s.write_all(format!("{n} {peer}\n").as_bytes())?;
+                let mut r = BufReader::new(s.try_clone()?);
+                let mut line = String::new();
+                while r.read_line(&mut line)? > 0 {
+                    s.write_all(line.as_bytes())?;
+                    line.clear();
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    })?;
+    let n = name.to_string();
+    in_netns(&pod.ns, move || -> std::io::Result<()> {
+        let u = UdpSocket::bind(("0.0.0.0", 5353))?;
+        let mut buf = [0u8; 64];
+        loop {
+            let (_, from) = u.recv_from(&mut buf)?;
+            u.send_to(format!("{n} {from}").as_bytes(), from)?;
+        }
+    })?;
+    Ok(())
+}
+
+/// Runs `f` in the client namespace outside the node.
+fn outside<T: Send + 'static>(ext: &External, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    in_netns(&ext.ns, f)?
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))
+}
+
+/// What the backend said: (pod name, the peer address it saw).
+fn hello(line: &str) -> Result<(String, SocketAddr)> {
+    let (name, peer) = line
+        .trim()
+        .split_once(' ')
+        .with_context(|| format!("answer {line:?}"))?;
+    Ok((name.to_string(), peer.parse()?))
+}
+
+fn tcp_hello(to: SocketAddr) -> std::io::Result<String> {
+    let s = TcpStream::connect_timeout(&to, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    Ok(line)
+}
+
+fn udp_hello(to: SocketAddr) -> std::io::Result<String> {
+    let u = UdpSocket::bind("0.0.0.0:0")?;
+    u.set_read_timeout(Some(TIMEOUT))?;
+    u.send_to(b"hi", to)?;
+    let mut buf = [0u8; 64];
+    let (n, from) = u.recv_from(&mut buf)?;
+    if from != to {
+        return Err(std::io::Error::other(format!(
+            "answer from {from}, want {to}"
+        )));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// Loads the tc programs and attaches them to the node's external device, as an agent start
+/// does (in the node namespace: interface names are per namespace).
+fn start_agent(lab: &Lab, bpf: &PathBuf, dev: &str) -> Result<()> {
+    let (bpf, dev) = (bpf.clone(), dev.to_string());
+    in_netns(&lab.host, move || -> Result<()> {
+        TcPrograms::load(&bpf)?.attach(&bpf, &[dev])?;
+        Ok(())
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
+}
+
+/// Programs attached to `dev` in the node namespace, per direction.
+fn attached(lab: &Lab, dev: &str) -> Result<(usize, usize)> {
+    let dev = dev.to_string();
+    in_netns(&lab.host, move || -> Result<(usize, usize)> {
+        let n = |kind| -> Result<usize> { Ok(SchedClassifier::query_tcx(&dev, kind)?.1.len()) };
+        Ok((n(TcAttachType::Ingress)?, n(TcAttachType::Egress)?))
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("query thread panicked"))?
+}
+
+fn program(syncer: &mut Syncer, node_ip: Ipv4Addr, backends: &[Pod]) -> Result<()> {
+    let eps: Vec<_> = backends
+        .iter()
+        .map(|p| json!({"addresses": [p.ip.to_string()], "nodeName": "n1"}))
+        .collect();
+    let objs = |name: &str, node_port: u16, udp_port: u16, eps: &[serde_json::Value]| {
+        (
+            json!({
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "externalIPs": [EXTERNAL_IP.to_string()],
+                         "externalTrafficPolicy": "Local",
+                         "ports": [{"name": "echo", "port": 90, "nodePort": node_port},
+                                   {"name": "dns", "port": 53, "nodePort": udp_port, "protocol": "UDP"}]}
+            }),
+            json!({
+                "metadata": {"name": format!("{name}-1"), "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "echo", "port": 9000}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+                "endpoints": eps
+            }),
+        )
+    };
+    let (web, web_eps) = objs("web", 30080, 30053, &eps);
+    let (mut empty, empty_eps) = objs("empty", 30099, 30098, &[]);
+    empty["spec"]["clusterIP"] = json!("10.96.0.11");
+    empty["spec"]["externalIPs"] = json!([]);
+    let svcs: Vec<k8s_openapi::api::core::v1::Service> =
+        vec![serde_json::from_value(web)?, serde_json::from_value(empty)?];
+    let slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice> = vec![
+        serde_json::from_value(web_eps)?,
+        serde_json::from_value(empty_eps)?,
+    ];
+    let cfg = ModelConfig {
+        node_name: Some("n1".into()),
+        node_ips: vec![node_ip],
+        ..Default::default()
+    };
+    let (desired, problems) = model::desired(&svcs, &slices, &cfg);
+    ensure!(problems.is_empty(), "{problems:?}");
+    syncer.sync(&desired)?;
+    Ok(())
+}
+
+#[test]
+fn nodeport_and_external_ip_from_outside_the_node() -> Result<()> {
+    let bpf = TestBpfRoot::new();
+    let mut lab = Lab::new().context("create node netns")?;
+    let mut backends = Vec::new();
+    for n in 1..=3 {
+        let pod = lab.add_pod(n)?;
+        serve(&pod, &format!("pod{n}"))?;
+        backends.push(pod);
+    }
+    let ext = lab.add_external(&[&format!("{EXTERNAL_IP}/32")])?;
+    start_agent(&lab, &bpf.0, &ext.node_dev)?;
+    let mut syncer = Syncer::new(LbMaps::open_pinned(&bpf.0)?, MaglevConfig::default())?;
+    program(&mut syncer, ext.node_ip, &backends)?;
+
+    // TCP and UDP to nodeIP:nodePort and TCP to externalIP:port reach every backend, and every
+    // backend sees the client's own address (Local: no SNAT).
+    let node_ip = ext.node_ip;
+    let answers = outside(&ext, move || -> std::io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for _ in 0..24 {
+            out.push(tcp_hello((node_ip, 30080).into())?);
+            out.push(udp_hello((node_ip, 30053).into())?);
+            out.push(tcp_hello((EXTERNAL_IP, 90).into())?);
+        }
+        Ok(out)
+    })??;
+    let mut seen = [BTreeSet::new(), BTreeSet::new(), BTreeSet::new()];
+    for (i, a) in answers.iter().enumerate() {
+        let (pod, peer) = hello(a)?;
+        ensure!(
+            peer.ip() == std::net::IpAddr::V4(ext.ip),
+            "backend saw {peer}, not the client {}",
+            ext.ip
+        );
+        seen[i % 3].insert(pod);
+    }
+    for (what, pods) in ["TCP nodePort", "UDP nodePort", "TCP externalIP"]
+        .iter()
+        .zip(&seen)
+    {
+        ensure!(pods.len() == 3, "{what} reached only {pods:?}");
+    }
+
+    // No endpoints: the packet is dropped at the node (and counted), so the client's connect
+    // fails within its timeout instead of reaching anything.
+    let refused = outside(&ext, move || {
+        TcpStream::connect_timeout(&(node_ip, 30099).into(), Duration::from_millis(300)).map(|_| ())
+    })?;
+    ensure!(refused.is_err(), "connect to an empty NodePort succeeded");
+    let rows = syncer.maps().list()?;
+    let empty = rows
+        .iter()
+        .find(|r| r.frontend == std::net::SocketAddrV4::new(node_ip, 30099))
+        .context("empty NodePort listed")?;
+    ensure!(empty.counters.refused >= 1, "{:?}", empty.counters);
+
+    // Restart during a long-lived connection: new links replace the old ones (one program per
+    // direction), the pinned CT map keeps the flow on its backend.
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let conn = in_netns(&ext.ns, move || -> std::io::Result<()> {
+        let s = TcpStream::connect_timeout(&(node_ip, 30080).into(), TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut w = s;
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let mut echo = |msg: &str| -> std::io::Result<()> {
+            w.write_all(format!("{msg}\n").as_bytes())?;
+            let mut back = String::new();
+            r.read_line(&mut back)?;
+            if back.trim() != msg {
+                return Err(std::io::Error::other(format!("echo {back:?} for {msg:?}")));
+            }
+            Ok(())
+        };
+        echo("before")?;
+        let _ = ready_tx.send(());
+        let _ = rx.recv();
+        echo("after")
+    })?;
+    ready_rx
+        .recv_timeout(TIMEOUT * 2)
+        .context("long-lived connection")?;
+    drop(syncer);
+    start_agent(&lab, &bpf.0, &ext.node_dev)?;
+    let mut syncer = Syncer::new(LbMaps::open_pinned(&bpf.0)?, MaglevConfig::default())?;
+    program(&mut syncer, ext.node_ip, &backends)?;
+    ensure!(
+        attached(&lab, &ext.node_dev)? == (1, 1),
+        "restart left extra programs"
+    );
+    tx.send(())?;
+    conn.join()
+        .map_err(|_| anyhow::anyhow!("connection thread panicked"))?
+        .context("connection across the restart")?;
+
+    // Uninstall takes the tc programs off the device too.
+    weir_lb::unpin_all(&bpf.0)?;
+    ensure!(
+        attached(&lab, &ext.node_dev)? == (0, 0),
+        "programs left after unpin_all"
+    );
+    Ok(())
+}
