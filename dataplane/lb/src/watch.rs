@@ -1,7 +1,10 @@
 //! The thin I/O layer: kube-rs reflectors keep the snapshot of Services and EndpointSlices.
 //! A change to a Service or to one of its slices re-derives that Service's frontends only and
 //! hands them to [`Syncer::sync_scoped`]; the initial list, a re-list and a periodic safety net
-//! re-derive everything and write whatever differs.
+//! re-derive everything and write whatever differs. After each sync, connected UDP sockets
+//! left aimed at backends that went away are destroyed ([`stale`]).
+
+pub mod stale;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -18,6 +21,7 @@ use crate::metrics::LbMetrics;
 use crate::model::{Desired, Frontend, ModelConfig, desired};
 use crate::plan::service_key;
 use crate::{Error, Syncer};
+use stale::{StaleUdp, UdpPairs};
 
 const METRICS_EVERY: Duration = Duration::from_secs(5);
 /// Every this many metric ticks, re-derive everything (catches e.g. a slice relabelled away).
@@ -44,11 +48,25 @@ fn touch_of<K: kube::Resource>(
     }
 }
 
+/// Follows the API server until `shutdown`, without the stale-UDP sweep.
 pub async fn run(
+    client: kube::Client,
+    syncer: Syncer,
+    cfg: ModelConfig,
+    metrics: LbMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    run_with(client, syncer, cfg, metrics, None, shutdown).await
+}
+
+/// Follows the API server until `shutdown`; with `stale`, each sync that takes a backend out
+/// of a UDP Service also destroys the connected sockets still aimed at it.
+pub async fn run_with(
     client: kube::Client,
     mut syncer: Syncer,
     cfg: ModelConfig,
     metrics: LbMetrics,
+    stale: Option<StaleUdp>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (svc_store, svc_writer) = reflector::store::<Service>();
@@ -99,7 +117,10 @@ pub async fn run(
     .boxed();
     let mut events = futures::stream::select(services, slices);
     let mut ticker = tokio::time::interval(METRICS_EVERY);
-    let mut state = WatchState::default();
+    let mut state = WatchState {
+        stale,
+        ..WatchState::default()
+    };
     let mut ticks = 0u32;
     loop {
         let mut full = false;
@@ -160,6 +181,7 @@ struct WatchState {
     fronts: HashMap<(String, String), Vec<Frontend>>,
     /// Service id → Service port, for metrics labels.
     names: HashMap<u32, crate::model::ServiceRef>,
+    stale: Option<StaleUdp>,
 }
 
 impl WatchState {
@@ -172,7 +194,9 @@ impl WatchState {
     ) {
         let (want, problems) = desired(&svcs.state(), &eps.state(), cfg);
         report(problems);
+        let before = self.stale.as_ref().map(|_| UdpPairs::all(syncer.state()));
         let result = syncer.sync(&want);
+        self.sweep(before, || UdpPairs::all(syncer.state()));
         self.fronts.clear();
         self.names.clear();
         self.record(syncer, &want);
@@ -216,9 +240,26 @@ impl WatchState {
                 removable.extend(old);
             }
         }
+        let scope = || removable.iter().chain(want.keys());
+        let before = self
+            .stale
+            .as_ref()
+            .map(|_| UdpPairs::of(syncer.state(), scope()));
         let result = syncer.sync_scoped(&want, &removable);
+        self.sweep(before, || UdpPairs::of(syncer.state(), scope()));
         self.record(syncer, &want);
         self.done(result, want.len());
+    }
+
+    /// Starts the stale-UDP sweep for the pairs in `before` that the sync took away; the
+    /// sweep runs on its own thread, so the next change is not held up by it.
+    fn sweep(&self, before: Option<UdpPairs>, after: impl FnOnce() -> UdpPairs) {
+        if let (Some(stale), Some(before)) = (&self.stale, before) {
+            let gone = before.gone(&after());
+            if !gone.is_empty() {
+                drop(stale.destroy(gone));
+            }
+        }
     }
 
     fn record(&mut self, syncer: &Syncer, want: &Desired) {
