@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod names;
 pub mod patch;
+pub mod protobuf;
 pub mod registry;
 pub mod selector;
 pub mod status;

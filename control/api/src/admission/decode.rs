@@ -24,7 +24,8 @@ pub fn decode(
     decode_value(res, value, strict)
 }
 
-/// Parses JSON or YAML by media type; malformed input is a 400 with line and column.
+/// Parses JSON, YAML or Kubernetes protobuf by media type; malformed JSON or YAML is a 400
+/// with line and column, malformed protobuf a 400 naming the problem.
 pub fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
     let media = content_type
         .split(';')
@@ -37,6 +38,7 @@ pub fn parse_body(body: &[u8], content_type: &str) -> Result<Value, ApiError> {
             .map_err(|e| ApiError::bad_request(format!("error decoding JSON body: {e}"))),
         "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML body: {e}"))),
+        crate::protobuf::MEDIA_TYPE => crate::protobuf::decode(body),
         _ => Err(ApiError::unsupported_media_type(content_type)),
     }
 }
