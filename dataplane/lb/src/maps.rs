@@ -37,7 +37,7 @@ pub struct LbMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
     maglev: HashMap<MapData, u32, MaglevTable>,
-    rr: Array<MapData, u64>,
+    rr: Array<MapData, u32>,
     counters: PerCpuArray<MapData, Counters>,
 }
 

@@ -9,7 +9,7 @@ use aya_ebpf::{
     },
     programs::SockAddrContext,
 };
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use weir_lb_common::{
     ALG_MAGLEV, ALG_ROUND_ROBIN, AffinityKey, AffinityValue, Backend, BackendKey, FLAG_AFFINITY,
@@ -128,11 +128,25 @@ pub fn select(svc: &ServiceValue, client: u64, flow: u64) -> Option<(Backend, u3
     let slot = match svc.algorithm {
         ALG_ROUND_ROBIN => {
             let p = RR.get_ptr_mut(svc.id)?;
-            // An atomic fetch-and-add (BPF_ATOMIC_FETCH_ADD) on the shared array value: CPUs
-            // racing for the same Service still take consecutive positions. The intrinsic,
-            // because the BPF target has no compare-and-swap and so no `AtomicU64::fetch_add`.
-            let n = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
-            (n % count as u64) as u32
+            // Compare-and-swap on the shared array value, so CPUs racing for the same Service
+            // take consecutive positions. Not fetch-and-add: LLVM 22 turns this program's
+            // BPF_FETCH add into a plain add (its pre-emit pass wrongly finds the result dead).
+            // After 8 lost races (never seen) the position read last is used, as before.
+            let mut n = unsafe { core::ptr::read_volatile(p) };
+            for _ in 0..8 {
+                let (seen, won) = unsafe {
+                    atomic_cxchg::<u32, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                        p,
+                        n,
+                        n.wrapping_add(1),
+                    )
+                };
+                if won {
+                    break;
+                }
+                n = seen;
+            }
+            n % count
         }
         ALG_MAGLEV => {
             let table = MAGLEV.get_ptr(svc.id)?;

@@ -9,7 +9,7 @@
 //! no socket hook sees: `tc_ingress` / `tc_egress` on the node's external interfaces.
 #![no_std]
 #![no_main]
-// `atomic_xadd` for round-robin; the BPF build already runs with RUSTC_BOOTSTRAP (build-std).
+// `atomic_cxchg` for round-robin (no `AtomicU32` on this target); the BPF build already runs with RUSTC_BOOTSTRAP (build-std).
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 

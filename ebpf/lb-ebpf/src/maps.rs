@@ -37,7 +37,7 @@ pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(LRU_ENTRIES, 0);
 /// Round-robin position per service id, advanced with an atomic fetch-and-add (64-bit: the
 /// BPF target has no 32-bit atomics).
 #[map(name = "WEIR_RR")]
-pub static RR: Array<u64> = Array::pinned(MAX_SERVICES, 0);
+pub static RR: Array<u32> = Array::pinned(MAX_SERVICES, 0);
 
 #[map(name = "WEIR_COUNTERS")]
 pub static COUNTERS: PerCpuArray<Counters> = PerCpuArray::pinned(MAX_SERVICES, 0);
