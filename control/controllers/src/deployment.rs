@@ -3,7 +3,8 @@
 //! history in the ReplicaSets' `deployment.kubernetes.io/revision` annotation (which
 //! `kubectl rollout history/undo` read), and the status `kubectl rollout status` waits on:
 //! observedGeneration, updated/ready/available replicas and the Available and Progressing
-//! conditions. Each reconcile takes one step, as kube-controller-manager does; the
+//! conditions — Progressing=False with reason ProgressDeadlineExceeded once a rollout has
+//! made no progress for `progressDeadlineSeconds` (default 600). Each reconcile takes one step, as kube-controller-manager does; the
 //! ReplicaSets' status changes trigger the next.
 
 use std::future::Future;
@@ -16,7 +17,7 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -29,6 +30,43 @@ use crate::util::{self, Context as _, Error, Result};
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
 pub const HASH_LABEL: &str = "pod-template-hash";
 const DEFAULT_HISTORY_LIMIT: i32 = 10;
+/// The Progressing reason of a rollout that made no progress for progressDeadlineSeconds.
+pub const DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+
+/// spec.progressDeadlineSeconds (default 600); `None` when it is i32::MAX, which
+/// Kubernetes reads as "no deadline".
+fn progress_deadline(d: &Deployment) -> Option<SignedDuration> {
+    let secs = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.progress_deadline_seconds)
+        .unwrap_or(600);
+    (secs != i32::MAX).then(|| SignedDuration::from_secs(i64::from(secs.max(0))))
+}
+
+/// When an unfinished rollout must be looked at again to notice it ran out of time: just
+/// after its Progressing condition's lastUpdateTime plus the deadline.
+pub fn deadline_recheck(
+    d: &Deployment,
+    status: &DeploymentStatus,
+    now: Timestamp,
+) -> Option<Duration> {
+    if d.spec.as_ref().and_then(|s| s.paused) == Some(true) {
+        return None;
+    }
+    let limit = progress_deadline(d)?;
+    let c = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing")?;
+    if c.status != "True" || c.reason.as_deref() == Some("NewReplicaSetAvailable") {
+        return None;
+    }
+    let due = c.last_update_time.as_ref()?.0 + limit;
+    let wait = Duration::try_from(due.duration_since(now)).unwrap_or(Duration::ZERO);
+    Some(wait + Duration::from_millis(500))
+}
 
 /// What one reconcile of a Deployment should do.
 #[derive(Debug, Default, PartialEq)]
@@ -380,33 +418,88 @@ fn status(
             "Deployment does not have minimum availability.".to_string(),
         )
     };
-    let progressing = if plan.create.is_some() {
+    // Progress as the deployment controller measures it: more updated, ready or available
+    // pods, or fewer old ones, than the last status recorded.
+    let old_count = |v: Option<i32>| v.unwrap_or(0);
+    let progressed = updated > old_count(old.updated_replicas)
+        || replicas - updated < old_count(old.replicas) - old_count(old.updated_replicas)
+        || ready > old_count(old.ready_replicas)
+        || available > old_count(old.available_replicas);
+    let prev_progressing = old
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing");
+    let prev_reason = prev_progressing.and_then(|c| c.reason.as_deref());
+    let paused = d.spec.as_ref().and_then(|s| s.paused) == Some(true);
+    let timed_out = !paused
+        && (prev_reason == Some(DEADLINE_EXCEEDED)
+            || progress_deadline(d)
+                .zip(prev_progressing)
+                .is_some_and(|(limit, c)| {
+                    c.last_update_time
+                        .as_ref()
+                        .is_some_and(|t| now.duration_since(t.0) > limit)
+                }));
+    // `fresh`: the condition records progress now even if it reads as before, so its
+    // lastUpdateTime (where the deadline counts from) moves.
+    let (progressing, fresh) = if plan.create.is_some() {
         (
-            "True",
-            "NewReplicaSetCreated",
-            format!("Created new replica set \"{new_name}\""),
+            (
+                "True",
+                "NewReplicaSetCreated",
+                format!("Created new replica set \"{new_name}\""),
+            ),
+            true,
         )
-    } else if complete {
+    } else if complete || (prev_reason == Some("NewReplicaSetAvailable") && replicas == updated) {
+        // Once complete, a rollout stays complete until the next template change.
         (
-            "True",
-            "NewReplicaSetAvailable",
-            format!("ReplicaSet \"{new_name}\" has successfully progressed."),
+            (
+                "True",
+                "NewReplicaSetAvailable",
+                format!("ReplicaSet \"{new_name}\" has successfully progressed."),
+            ),
+            false,
+        )
+    } else if progressed || (!timed_out && prev_progressing.is_none()) {
+        (
+            (
+                "True",
+                "ReplicaSetUpdated",
+                format!("ReplicaSet \"{new_name}\" is progressing."),
+            ),
+            progressed,
+        )
+    } else if timed_out {
+        (
+            (
+                "False",
+                DEADLINE_EXCEEDED,
+                format!("ReplicaSet \"{new_name}\" has timed out progressing."),
+            ),
+            false,
         )
     } else {
+        // No progress yet, within the deadline: the condition stands as it was.
+        let p = prev_progressing.cloned().unwrap_or_default();
         (
-            "True",
-            "ReplicaSetUpdated",
-            format!("ReplicaSet \"{new_name}\" is progressing."),
+            (
+                if p.status == "False" { "False" } else { "True" },
+                prev_reason.unwrap_or("ReplicaSetUpdated"),
+                p.message.unwrap_or_default(),
+            ),
+            false,
         )
     };
-    let cond = |type_: &str, (status, reason, message): (&str, &str, String)| {
+    let cond = |type_: &str, (status, reason, message): (&str, &str, String), fresh: bool| {
         let prev = old.conditions.iter().flatten().find(|c| c.type_ == type_);
         let same = prev.is_some_and(|p| {
             p.status == status
                 && p.reason.as_deref() == Some(reason)
                 && p.message.as_deref() == Some(message.as_str())
         });
-        if same {
+        if same && !fresh {
             return prev.cloned().unwrap_or_default();
         }
         let transition = match prev {
@@ -430,8 +523,8 @@ fn status(
         available_replicas: Some(available),
         unavailable_replicas: Some((spec_total - available).max(0)),
         conditions: Some(vec![
-            cond("Available", available_cond),
-            cond("Progressing", progressing),
+            cond("Available", available_cond, false),
+            cond("Progressing", progressing, fresh),
         ]),
         collision_count: old.collision_count,
         terminating_replicas: None,
@@ -512,7 +605,10 @@ async fn reconcile(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Next> {
         .await
         .context(|| format!("updating status of {key}"))?;
     }
-    Ok(Next::After(Duration::from_secs(300)))
+    let resync = Duration::from_secs(300);
+    let next =
+        deadline_recheck(&d, &plan.status, Timestamp::now()).map_or(resync, |t| t.min(resync));
+    Ok(Next::After(next))
 }
 
 /// Run the Deployment controller until `shutdown` resolves.

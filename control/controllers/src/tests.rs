@@ -3,7 +3,8 @@
 //! nodes, gets its EndpointSlice, heals a deleted pod, rolls an update without losing ready
 //! endpoints, rolls back with `kubectl rollout undo`, a pod too big for any node says why, and
 //! deleting the Deployment and Service garbage-collects their ReplicaSets, pods and slices;
-//! and a node whose heartbeat stops turns unreachable while its pods move to the other node.
+//! a node whose heartbeat stops turns unreachable while its pods move to the other node; and
+//! a rollout whose pods never turn ready exceeds its progress deadline.
 //! No node agent runs here: a "kubelet" task in the test writes pod status (Running, Ready,
 //! an IP) through the status subresource and completes deletions, as the brief prescribes.
 
@@ -544,4 +545,58 @@ async fn a_silent_node_turns_unreachable_and_its_pods_move() {
         .find(|c| c.type_ == "Ready")
         .map(|c| c.status);
     assert_eq!(ready.as_deref(), Some("Unknown"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_that_makes_no_progress_exceeds_its_deadline() {
+    let c = start(crate::Config::default()).await;
+    // A node whose "kubelet" never starts anything: pods are bound but never ready.
+    add_node(&c.client, "node-a").await;
+    let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
+    let deploy: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "stuck"},
+        "spec": {
+            "replicas": 1,
+            "progressDeadlineSeconds": 2,
+            "selector": {"matchLabels": {"app": "stuck"}},
+            "template": {"metadata": {"labels": {"app": "stuck"}},
+                         "spec": {"containers": [{"name": "c", "image": "weir/echo"}]}}
+        }
+    }))
+    .expect("deployment");
+    deployments
+        .create(&PostParams::default(), &deploy)
+        .await
+        .expect("create deployment");
+    let progressing = wait_for("Progressing=False", Duration::from_secs(20), || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get("stuck").await.ok()?;
+            d.status?
+                .conditions?
+                .into_iter()
+                .find(|c| c.type_ == "Progressing" && c.status == "False")
+        }
+    })
+    .await;
+    assert_eq!(
+        progressing.reason.as_deref(),
+        Some("ProgressDeadlineExceeded")
+    );
+    let message = progressing.message.unwrap_or_default();
+    assert!(
+        message.starts_with("ReplicaSet \"stuck-")
+            && message.ends_with("\" has timed out progressing."),
+        "{message}"
+    );
+    // The real kubectl reads it as a failed rollout.
+    let out = kubectl(
+        &c.kubeconfig,
+        &["rollout", "status", "deployment/stuck", "--timeout=20s"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("exceeded its progress deadline"),
+        "rollout status: {stderr}"
+    );
 }

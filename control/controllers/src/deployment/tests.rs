@@ -265,3 +265,86 @@ fn history_beyond_the_limit_is_deleted_oldest_first() {
     revs.sort();
     assert_eq!(revs, ["2", "3"]);
 }
+
+#[test]
+fn a_rollout_without_progress_for_the_deadline_times_out_and_recovers_on_progress() {
+    let mut d = deployment(2, "v1", json!({}));
+    d.spec.as_mut().expect("spec").progress_deadline_seconds = Some(10);
+    let mut sim = Sim::default();
+    sim.step(&d);
+    // The new ReplicaSet's pods exist but never become available.
+    for rs in &mut sim.sets {
+        rs.status = Some(ReplicaSetStatus {
+            replicas: 2,
+            ..Default::default()
+        });
+    }
+    let owned: Vec<Arc<ReplicaSet>> = sim.sets.iter().cloned().map(Arc::new).collect();
+    let at = |d: &Deployment, secs: i64| {
+        let t = now() + SignedDuration::from_secs(secs);
+        plan(d, &owned, t).expect("plan").status
+    };
+    let progressing = |st: &DeploymentStatus| {
+        st.conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Progressing")
+            .map(|c| {
+                (
+                    c.status.clone(),
+                    c.reason.clone().unwrap_or_default(),
+                    c.last_update_time.as_ref().map(|t| t.0),
+                )
+            })
+            .expect("Progressing condition")
+    };
+    // Pods appeared: progress, counted from now.
+    d.status = Some(at(&d, 0));
+    assert_eq!(
+        progressing(d.status.as_ref().expect("status")),
+        ("True".into(), "ReplicaSetUpdated".into(), Some(now()))
+    );
+    assert_eq!(
+        deadline_recheck(&d, d.status.as_ref().expect("status"), now()),
+        Some(Duration::from_millis(10_500))
+    );
+    // Nothing changes within the deadline…
+    assert_eq!(Some(at(&d, 9)), d.status);
+    // …and past it the rollout has timed out, and stays so.
+    let late = at(&d, 11);
+    let (status, reason, _) = progressing(&late);
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", DEADLINE_EXCEEDED)
+    );
+    let message = late
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing")
+        .and_then(|c| c.message.clone());
+    let name = sim.sets[0].name_any();
+    assert_eq!(
+        message,
+        Some(format!("ReplicaSet \"{name}\" has timed out progressing."))
+    );
+    d.status = Some(late);
+    assert_eq!(
+        deadline_recheck(&d, d.status.as_ref().expect("status"), now()),
+        None
+    );
+    assert_eq!(Some(at(&d, 60)), d.status);
+    // A pod turns available: progress again, and a new deadline from then.
+    let mut sets = sim.sets.clone();
+    if let Some(st) = sets[0].status.as_mut() {
+        st.ready_replicas = Some(1);
+        st.available_replicas = Some(1);
+    }
+    let owned: Vec<Arc<ReplicaSet>> = sets.into_iter().map(Arc::new).collect();
+    let t = now() + SignedDuration::from_secs(70);
+    let again = plan(&d, &owned, t).expect("plan").status;
+    assert_eq!(
+        progressing(&again),
+        ("True".into(), "ReplicaSetUpdated".into(), Some(t))
+    );
+}
