@@ -1,7 +1,9 @@
-//! API server throughput and watch latency on a real etcd, through HTTPS and kube-rs:
+//! API server throughput and watch latency on a real etcd and on the embedded store,
+//! through HTTPS and kube-rs:
 //! 10,000 Service creates from 16 concurrent clients (objects/s, p50/p99), then the delay
-//! from a write to its event at each of 100 watchers (p50/p99). Writes the `api` section of
-//! `docs/benchmarks.md`.
+//! from a write to its event at each of 100 watchers (p50/p99), beside the latency of those
+//! writes alone and etcd's WAL fsync count and mean time in each phase (the disk is shared).
+//! Writes the `api` section of `docs/benchmarks.md`.
 //!
 //! `cargo run --release -p weir-bench --bin api_bench [-- --services N --clients C --watchers W]`
 
@@ -12,13 +14,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
 use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
 use tokio::sync::Mutex;
 use weir_apiserver::{Config, Server, kubeconfig};
 use weir_bench::{percentile, write_section};
-use weir_store::{EtcdProcess, EtcdStore};
+use weir_store::{EmbeddedStore, EtcdProcess, EtcdStore, Store};
 
 #[derive(Parser)]
 struct Args {
@@ -40,15 +42,63 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let etcd = EtcdProcess::start().await.context("starting etcd")?;
-    let store = EtcdStore::connect(&[etcd.client_url()])
-        .await
-        .context("connecting to etcd")?;
-    let dir = std::env::temp_dir().join(format!("weir-api-bench-{}", std::process::id()));
-    let mut config = Config::new(dir.clone(), Arc::new(store));
+/// etcd's WAL fsyncs so far: (count, total seconds), from its Prometheus metrics. Every write
+/// waits for one, so on a shared disk they explain much of the write latency.
+async fn wal_fsyncs(client_url: &str) -> anyhow::Result<(f64, f64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = client_url
+        .strip_prefix("http://")
+        .context("etcd client URL is not http://")?;
+    let mut conn = tokio::net::TcpStream::connect(addr).await?;
+    conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await?;
+    let metric = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .with_context(|| format!("{name} not in etcd's metrics"))
+    };
+    Ok((
+        metric("etcd_disk_wal_fsync_duration_seconds_count ")?,
+        metric("etcd_disk_wal_fsync_duration_seconds_sum ")?,
+    ))
+}
+
+/// "N fsyncs, mean X ms" between two readings of [`wal_fsyncs`].
+fn fsyncs_between(before: (f64, f64), after: (f64, f64)) -> String {
+    let n = after.0 - before.0;
+    let mean = if n > 0.0 {
+        (after.1 - before.1) / n * 1000.0
+    } else {
+        0.0
+    };
+    format!("{n:.0} WAL fsyncs, mean {mean:.2} ms")
+}
+
+/// What one backend measured, formatted for the table.
+struct Figures {
+    creates: String,
+    create_latency: String,
+    watch: String,
+    writes: String,
+    /// etcd's WAL fsyncs during the creates and during the watched writes.
+    fsyncs: Option<(String, String)>,
+}
+
+/// Both phases against an API server on `store`; `etcd_url` to read etcd's fsync metrics.
+async fn run(
+    args: &Args,
+    store: Arc<dyn Store>,
+    etcd_url: Option<&str>,
+    name: &str,
+) -> anyhow::Result<Figures> {
+    let fsyncs = async || match etcd_url {
+        Some(url) => wal_fsyncs(url).await.map(Some),
+        None => Ok(None),
+    };
+    let dir = std::env::temp_dir().join(format!("weir-api-bench-{}-{name}", std::process::id()));
+    let mut config = Config::new(dir.clone(), store);
     config.listen = "127.0.0.1:0".parse()?;
     let server = Server::bind(config).await?;
     let path = dir.join("kubeconfig");
@@ -72,8 +122,9 @@ async fn main() -> anyhow::Result<()> {
 
     // The `default` namespace appears once the server has bootstrapped.
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
     let ready = Instant::now();
-    while cms.list(&Default::default()).await.is_err() {
+    while namespaces.get("default").await.is_err() {
         anyhow::ensure!(
             ready.elapsed() < Duration::from_secs(20),
             "server not ready"
@@ -81,13 +132,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // The machine is shared: record how busy it was, so the figures can be read in context.
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into());
-
     // Phase 1: creates.
+    let fsyncs_start = fsyncs().await?;
     let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
     let per_client = args.services / args.clients;
     let started = Instant::now();
@@ -113,18 +159,20 @@ async fn main() -> anyhow::Result<()> {
         create_lat.extend(t.await??);
     }
     let elapsed = started.elapsed();
+    let fsyncs_creates = fsyncs().await?;
     let created = create_lat.len();
     let rate = created as f64 / elapsed.as_secs_f64();
     let c50 = percentile(&mut create_lat, 50.0).unwrap_or_default();
     let c99 = percentile(&mut create_lat, 99.0).unwrap_or_default();
     println!(
-        "creates: {created} in {:.2}s = {rate:.0}/s, p50 {}, p99 {}",
+        "{name}: creates: {created} in {:.2}s = {rate:.0}/s, p50 {}, p99 {}",
         elapsed.as_secs_f64(),
         ms(c50),
         ms(c99)
     );
 
     // Phase 2: watch delivery.
+    let fsyncs_watch_start = fsyncs().await?;
     let rv = cms
         .list(&Default::default())
         .await?
@@ -162,55 +210,115 @@ async fn main() -> anyhow::Result<()> {
     }
     // Let every watch connect before the first write.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut write_lat = Vec::with_capacity(args.writes);
     for i in 0..args.writes {
         let name = format!("watch-{i}");
         let cm: ConfigMap = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {"bench": "watch"}},
             "data": {"i": i.to_string()},
         }))?;
-        sent.lock().await.insert(name, Instant::now());
+        let t = Instant::now();
+        sent.lock().await.insert(name, t);
         cms.create(&PostParams::default(), &cm).await?;
+        write_lat.push(t.elapsed());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut watch_lat = Vec::new();
     for w in watchers {
         watch_lat.extend(w.await??);
     }
+    let fsyncs_watch = fsyncs().await?;
     let events = watch_lat.len();
     let w50 = percentile(&mut watch_lat, 50.0).unwrap_or_default();
     let w99 = percentile(&mut watch_lat, 99.0).unwrap_or_default();
+    let wr50 = percentile(&mut write_lat, 50.0).unwrap_or_default();
+    let wr99 = percentile(&mut write_lat, 99.0).unwrap_or_default();
+    let fsyncs = match (
+        fsyncs_start,
+        fsyncs_creates,
+        fsyncs_watch_start,
+        fsyncs_watch,
+    ) {
+        (Some(a), Some(b), Some(c), Some(d)) => Some((fsyncs_between(a, b), fsyncs_between(c, d))),
+        _ => None,
+    };
     println!(
-        "watch: {events} events at {} watchers, p50 {}, p99 {}",
+        "{name}: watch: {events} events at {} watchers, p50 {}, p99 {}; the writes alone: p50 {}, p99 {}",
         args.watchers,
         ms(w50),
-        ms(w99)
+        ms(w99),
+        ms(wr50),
+        ms(wr99)
     );
+    if let Some((creates, watch)) = &fsyncs {
+        println!("{name}: during creates: {creates}; during watched writes: {watch}");
+    }
 
     let _ = stop.send(());
     let _ = serving.await;
     let _ = std::fs::remove_dir_all(&dir);
-    drop(etcd);
+    Ok(Figures {
+        creates: format!("{rate:.0} objects/s in {:.2} s", elapsed.as_secs_f64()),
+        create_latency: format!("{} / {}", ms(c50), ms(c99)),
+        watch: format!("p50 {} / p99 {}", ms(w50), ms(w99)),
+        writes: format!("p50 {} / p99 {}", ms(wr50), ms(wr99)),
+        fsyncs,
+    })
+}
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // The machine is shared: record how busy it was, so the figures can be read in context.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+
+    let etcd = EtcdProcess::start().await.context("starting etcd")?;
+    let store = EtcdStore::connect(&[etcd.client_url()])
+        .await
+        .context("connecting to etcd")?;
+    let on_etcd = run(&args, Arc::new(store), Some(&etcd.client_url()), "etcd").await?;
+    drop(etcd);
+    let store_dir =
+        std::env::temp_dir().join(format!("weir-api-bench-{}-store", std::process::id()));
+    let embedded = EmbeddedStore::open(store_dir.join("store.redb"))?;
+    let on_embedded = run(&args, Arc::new(embedded), None, "embedded").await;
+    let _ = std::fs::remove_dir_all(&store_dir);
+    let on_embedded = on_embedded?;
+
+    let (fsyncs_creates, fsyncs_watch) = on_etcd.fsyncs.clone().unwrap_or_default();
     let md = format!(
-        "## API server (etcd backend)\n\n\
+        "## API server\n\n\
          `cargo run --release -p weir-bench --bin api_bench`: weir's API server over HTTPS \
-         (kube-rs clients, one TLS connection each) on a real etcd 3.4 started by the harness; \
-         both on loopback on this 2-core machine.\n\n\
-         | measurement | result | goal |\n|---|---|---|\n\
-         | {created} Service creates, {clients} concurrent clients | {rate:.0} objects/s in {secs:.2} s | ≥ 2,000/s |\n\
-         | create latency p50 / p99 | {c50} / {c99} | p99 ≤ 1 s (Kubernetes SLO) |\n\
-         | watch delivery, write → event, {watchers} watchers × {writes} writes | p50 {w50} / p99 {w99} | p99 ≤ 10 ms |\n\n\
+         (kube-rs clients, one TLS connection each), on a real etcd 3.4 started by the harness \
+         and on the embedded redb store; all on loopback on this 2-core machine. Watches are \
+         served by the API server's watch cache (one store watch per resource type, fanned \
+         out in memory); a Service create is one store transaction (object and cluster IP \
+         together).\n\n\
+         | measurement | etcd | embedded (redb) | goal |\n|---|---|---|---|\n\
+         | {services} Service creates, {clients} concurrent clients | {ec} | {mc} | ≥ 2,000/s |\n\
+         | create latency p50 / p99 | {ecl} | {mcl} | p99 ≤ 1 s (Kubernetes SLO) |\n\
+         | watch delivery, write → event, {watchers} watchers × {writes} writes | {ew} | {mw} | p99 ≤ 10 ms |\n\
+         | the same writes alone, request → response | {ewr} | {mwr} | |\n\n\
          Watch delay runs from just before the create request is sent to the event's arrival \
-         at each watcher, so it includes the write itself. 1-minute load average when the \
-         run started: {load} (other work shares the 2 cores).\n",
+         at each watcher, so it includes the write itself (next row), which waits for the \
+         store's fsync. etcd during the creates: {fsyncs_creates}; during the watched writes: \
+         {fsyncs_watch}. 1-minute load average when the run started: {load} (other work \
+         shares the 2 cores and the disk).\n",
+        services = args.clients * (args.services / args.clients),
         clients = args.clients,
-        secs = elapsed.as_secs_f64(),
-        c50 = ms(c50),
-        c99 = ms(c99),
         watchers = args.watchers,
         writes = args.writes,
-        w50 = ms(w50),
-        w99 = ms(w99),
+        ec = on_etcd.creates,
+        mc = on_embedded.creates,
+        ecl = on_etcd.create_latency,
+        mcl = on_embedded.create_latency,
+        ew = on_etcd.watch,
+        mw = on_embedded.watch,
+        ewr = on_etcd.writes,
+        mwr = on_embedded.writes,
     );
     write_section("api", &md)?;
     Ok(())

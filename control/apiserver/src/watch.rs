@@ -223,6 +223,7 @@ pub async fn serve(api: Arc<Shared>, t: Target, q: Query, repr: Repr) -> Result<
             enc,
             filter,
             prefix,
+            start,
             last_rv: start,
         };
         for event in backlog {
@@ -299,14 +300,18 @@ struct Watcher {
     filter: Filter,
     /// Namespace scope: the cache holds the whole resource type.
     prefix: String,
-    /// The revision of the last event seen, for bookmarks and to skip what came before.
+    /// The revision the watch starts after.
+    start: i64,
+    /// The revision of the last event seen, for bookmarks.
     last_rv: i64,
 }
 
 impl Watcher {
     /// Sends what a cached event means to this watcher; false once the client is gone.
     async fn cached(&mut self, event: &CachedEvent) -> bool {
-        if event.revision <= self.last_rv {
+        // The live feed of a watch that starts ahead of the cache begins before its start.
+        // (Not `last_rv`: the events of one transaction share a revision.)
+        if event.revision <= self.start {
             return true;
         }
         self.last_rv = event.revision;
