@@ -124,6 +124,15 @@ impl Drop for InFlight {
     }
 }
 
+/// The Service port a backend's endpoints come from, kept so that an EndpointSlice change
+/// can recompute just those endpoints.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub namespace: String,
+    pub service: String,
+    pub port: k8s_openapi::api::core::v1::ServicePort,
+}
+
 /// The endpoints of one Service port and how to choose among them.
 #[derive(Debug)]
 pub struct Backend {
@@ -133,16 +142,25 @@ pub struct Backend {
     /// Speak HTTP/2 to the endpoints (the Service port's appProtocol says h2c or grpc).
     pub h2: bool,
     pub balance: Balance,
+    /// `None` when the Service or its port does not exist (no endpoints, whatever the slices).
+    pub origin: Option<Origin>,
     next: AtomicUsize,
 }
 
 impl Backend {
-    pub fn new(name: Arc<str>, endpoints: Vec<Arc<Endpoint>>, h2: bool, balance: Balance) -> Self {
+    pub fn new(
+        name: Arc<str>,
+        endpoints: Vec<Arc<Endpoint>>,
+        h2: bool,
+        balance: Balance,
+        origin: Option<Origin>,
+    ) -> Self {
         Backend {
             name,
             endpoints,
             h2,
             balance,
+            origin,
             next: AtomicUsize::new(0),
         }
     }
@@ -191,7 +209,7 @@ mod tests {
         let eps = (0..n)
             .map(|i| Arc::new(Endpoint::new(SocketAddr::from(([10, 0, 0, 1], 8000 + i)))))
             .collect();
-        Backend::new("ns/svc:80".into(), eps, false, balance)
+        Backend::new("ns/svc:80".into(), eps, false, balance, None)
     }
 
     #[test]

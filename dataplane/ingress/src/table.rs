@@ -25,7 +25,7 @@ use kube::ResourceExt;
 use rustls::sign::CertifiedKey;
 
 use crate::annotations::Annotations;
-use crate::balance::{Backend, Balance, Endpoint};
+use crate::balance::{Backend, Balance, Endpoint, Origin};
 use crate::tls;
 
 /// Annotation marking the cluster's default IngressClass.
@@ -33,6 +33,8 @@ const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-cl
 /// The pre-IngressClass way of choosing a controller, still common in manifests.
 const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// How problems found in EndpointSlices start.
+const SLICE_PROBLEM: &str = "endpointslice ";
 
 /// Everything the table is built from: the current contents of the watch caches.
 #[derive(Debug, Default, Clone)]
@@ -97,7 +99,7 @@ impl Target {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Route {
     path: Box<str>,
     kind: PathKind,
@@ -119,7 +121,7 @@ impl Route {
 }
 
 /// The rules of one host, longest path first, Exact before Prefix on a tie.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct HostRoutes {
     routes: Vec<Route>,
 }
@@ -143,7 +145,7 @@ impl HostRoutes {
 }
 
 /// The immutable routing table.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Table {
     exact: HashMap<Box<str>, HostRoutes>,
     /// Keyed by the suffix after `*.`.
@@ -244,6 +246,45 @@ struct Ctx<'a> {
     problems: Vec<String>,
 }
 
+impl<'a> Ctx<'a> {
+    /// Indexes of the snapshot's Services, EndpointSlices (by Service) and Secrets.
+    fn new(snap: &'a Snapshot) -> Self {
+        let mut ctx = Ctx {
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            secrets: HashMap::new(),
+            backends: HashMap::new(),
+            endpoints: HashMap::new(),
+            problems: Vec::new(),
+        };
+        for s in &snap.services {
+            if let (Some(ns), Some(name)) =
+                (s.metadata.namespace.as_deref(), s.metadata.name.as_deref())
+            {
+                ctx.services.insert((ns, name), s);
+            }
+        }
+        for s in &snap.slices {
+            let svc = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if let (Some(ns), Some(svc)) = (s.metadata.namespace.as_deref(), svc) {
+                ctx.slices.entry((ns, svc.as_str())).or_default().push(s);
+            }
+        }
+        for s in &snap.secrets {
+            if let (Some(ns), Some(name)) =
+                (s.metadata.namespace.as_deref(), s.metadata.name.as_deref())
+            {
+                ctx.secrets.insert((ns, name), s);
+            }
+        }
+        ctx
+    }
+}
+
 impl Builder {
     pub fn new(filter: ClassFilter, default_cert_secret: Option<String>) -> Self {
         Builder {
@@ -282,40 +323,94 @@ impl Builder {
         }
     }
 
+    /// The table for `snap` when only EndpointSlices changed since `prev` was built from
+    /// the same builder: each backend's endpoints are recomputed from its Service port,
+    /// unchanged backends and the targets using them are kept as they are, and everything
+    /// else (hosts, paths, certificates) is `prev`'s. Equal to [`Builder::build`] of `snap`.
+    pub fn update_endpoints(&mut self, prev: &Table, snap: &Snapshot) -> Table {
+        let mut ctx = Ctx::new(snap);
+        let mut backends: HashMap<*const Backend, Arc<Backend>> = HashMap::new();
+        let mut targets: HashMap<*const Target, Arc<Target>> = HashMap::new();
+        let mut backend = |b: &Arc<Backend>, ctx: &mut Ctx<'_>| -> Arc<Backend> {
+            if let Some(n) = backends.get(&Arc::as_ptr(b)) {
+                return n.clone();
+            }
+            let next = match &b.origin {
+                Some(o) => {
+                    let (eps, h2) = self.endpoints_of(ctx, &o.namespace, &o.service, &o.port);
+                    let same = h2 == b.h2
+                        && eps.len() == b.endpoints.len()
+                        && eps.iter().zip(&b.endpoints).all(|(a, b)| Arc::ptr_eq(a, b));
+                    if same {
+                        b.clone()
+                    } else {
+                        Arc::new(Backend::new(
+                            b.name.clone(),
+                            eps,
+                            h2,
+                            b.balance,
+                            b.origin.clone(),
+                        ))
+                    }
+                }
+                None => b.clone(),
+            };
+            backends.insert(Arc::as_ptr(b), next.clone());
+            next
+        };
+        let mut target = |t: &Arc<Target>, ctx: &mut Ctx<'_>| -> Arc<Target> {
+            if let Some(n) = targets.get(&Arc::as_ptr(t)) {
+                return n.clone();
+            }
+            let main = backend(&t.backend, ctx);
+            let canary = t.canary.as_ref().map(|c| (c, backend(&c.backend, ctx)));
+            let unchanged = Arc::ptr_eq(&main, &t.backend)
+                && canary
+                    .as_ref()
+                    .is_none_or(|(c, b)| Arc::ptr_eq(&c.backend, b));
+            let next = if unchanged {
+                t.clone()
+            } else {
+                Arc::new(Target {
+                    route: t.route.clone(),
+                    backend: main,
+                    canary: canary.map(|(c, backend)| Canary {
+                        route: c.route.clone(),
+                        backend,
+                        weight: c.weight,
+                        weight_total: c.weight_total,
+                        header: c.header.clone(),
+                        header_value: c.header_value.clone(),
+                    }),
+                    ssl_redirect: t.ssl_redirect,
+                    read_timeout: t.read_timeout,
+                })
+            };
+            targets.insert(Arc::as_ptr(t), next.clone());
+            next
+        };
+        let mut table = prev.clone();
+        for h in table
+            .exact
+            .values_mut()
+            .chain(table.wildcard.values_mut())
+            .chain(std::iter::once(&mut table.any_host))
+        {
+            for r in &mut h.routes {
+                r.target = target(&r.target, &mut ctx);
+            }
+        }
+        table.default_backend = table.default_backend.map(|t| target(&t, &mut ctx));
+        // Slice problems are the only ones an EndpointSlice change can alter.
+        table.problems.retain(|p| !p.starts_with(SLICE_PROBLEM));
+        table.problems.extend(ctx.problems);
+        self.endpoints = ctx.endpoints;
+        table
+    }
+
     /// Build the table for `snap`.
     pub fn build(&mut self, snap: &Snapshot) -> Table {
-        let mut ctx = Ctx {
-            services: HashMap::new(),
-            slices: HashMap::new(),
-            secrets: HashMap::new(),
-            backends: HashMap::new(),
-            endpoints: HashMap::new(),
-            problems: Vec::new(),
-        };
-        for s in &snap.services {
-            if let (Some(ns), Some(name)) =
-                (s.metadata.namespace.as_deref(), s.metadata.name.as_deref())
-            {
-                ctx.services.insert((ns, name), s);
-            }
-        }
-        for s in &snap.slices {
-            let svc = s
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL));
-            if let (Some(ns), Some(svc)) = (s.metadata.namespace.as_deref(), svc) {
-                ctx.slices.entry((ns, svc.as_str())).or_default().push(s);
-            }
-        }
-        for s in &snap.secrets {
-            if let (Some(ns), Some(name)) =
-                (s.metadata.namespace.as_deref(), s.metadata.name.as_deref())
-            {
-                ctx.secrets.insert((ns, name), s);
-            }
-        }
+        let mut ctx = Ctx::new(snap);
 
         // Oldest first, so that on conflicting rules the oldest Ingress wins, as in ingress-nginx.
         let mut ingresses: Vec<&Ingress> = snap
@@ -586,16 +681,24 @@ impl Builder {
                     None => false,
                 })
         });
-        let (endpoints, h2) = match service_port {
-            Some(sp) => self.endpoints_of(ctx, ns, svc, sp),
+        let (endpoints, h2, origin) = match service_port {
+            Some(sp) => {
+                let (eps, h2) = self.endpoints_of(ctx, ns, svc, sp);
+                let origin = Origin {
+                    namespace: ns.to_string(),
+                    service: svc.clone(),
+                    port: sp.clone(),
+                };
+                (eps, h2, Some(origin))
+            }
             None => {
                 ctx.problems.push(format!(
                     "ingress {ns}/{ingress}: service {ns}/{svc} has no port {port_key}"
                 ));
-                (Vec::new(), false)
+                (Vec::new(), false, None)
             }
         };
-        let backend = Arc::new(Backend::new(label, endpoints, h2, balance));
+        let backend = Arc::new(Backend::new(label, endpoints, h2, balance, origin));
         ctx.backends.insert(k, backend.clone());
         Some(backend)
     }
@@ -633,7 +736,7 @@ impl Builder {
                 for a in &ep.addresses {
                     let Ok(ip) = a.parse::<IpAddr>() else {
                         ctx.problems.push(format!(
-                            "endpointslice {ns}/{}: bad address {a:?}",
+                            "{SLICE_PROBLEM}{ns}/{}: bad address {a:?}",
                             slice.name_any()
                         ));
                         continue;

@@ -1,6 +1,8 @@
 //! The thin Kubernetes side: kube-rs reflectors keep local caches of Ingresses,
 //! IngressClasses, Services, EndpointSlices and Secrets; after every burst of changes the
-//! routing table is rebuilt from those caches (the pure [`Builder`]) and swapped in.
+//! routing table is rebuilt from those caches (the pure [`Builder`]) and swapped in; a
+//! burst that changed only EndpointSlices updates the current table's backends instead
+//! ([`Builder::update_endpoints`]), the common case during rollouts and scaling.
 //! Nothing is served from a partial cache: the first table is built once every watch has
 //! finished its initial list. After each swap, Ingresses of our class whose
 //! `status.loadBalancer` does not name the published address get it, through the status
@@ -26,6 +28,8 @@ use crate::metrics::Metrics;
 use crate::table::{Builder, Snapshot, Table};
 
 const KINDS: usize = 5;
+/// The index of EndpointSlices among [`KINDS`].
+const SLICES: usize = 3;
 
 /// One watch: its index among [`KINDS`] and whether the event ended the initial list.
 fn watch<K>(
@@ -107,6 +111,8 @@ pub async fn run(
         watch::<Secret>(&client, 4, w4),
     ]);
     let mut listed = [false; KINDS];
+    // Kinds changed since the last table; `None` until the first full build.
+    let mut changed: Option<[bool; KINDS]> = None;
     let mut reported: HashSet<String> = HashSet::new();
     loop {
         let first = tokio::select! {
@@ -116,16 +122,28 @@ pub async fn run(
         let Some((idx, init_done)) = first else {
             return;
         };
-        listed[idx] |= init_done;
+        let mut note = |idx: usize, init_done: bool| {
+            listed[idx] |= init_done;
+            if let Some(c) = changed.as_mut() {
+                c[idx] = true;
+            }
+        };
+        note(idx, init_done);
         // Coalesce a burst (an initial list, a rollout) into one rebuild.
         while let Some(Some((idx, init_done))) = events.next().now_or_never() {
-            listed[idx] |= init_done;
+            note(idx, init_done);
         }
         if !listed.iter().all(|l| *l) {
             continue;
         }
         let started = std::time::Instant::now();
-        let next = builder.build(&stores.snapshot());
+        let slices_only = changed.is_some_and(|c| (0..KINDS).all(|k| c[k] == (k == SLICES)));
+        let next = if slices_only {
+            builder.update_endpoints(&table.load(), &stores.snapshot())
+        } else {
+            builder.build(&stores.snapshot())
+        };
+        changed = Some([false; KINDS]);
         for p in next.problems.iter().filter(|p| !reported.contains(*p)) {
             tracing::warn!(problem = %p, "ingress configuration");
         }
@@ -135,6 +153,7 @@ pub async fn run(
         tracing::info!(
             routes = next.routes,
             took_us = started.elapsed().as_micros() as u64,
+            endpoints_only = slices_only,
             "routing table swapped"
         );
         table.store(Arc::new(next));

@@ -418,3 +418,186 @@ fn endpoint_state_survives_a_rebuild() {
     let e2 = t2.route("h", "/").expect("route").backend.endpoints[0].clone();
     assert!(Arc::ptr_eq(&e1, &e2), "same endpoint object reused");
 }
+
+/// Everything a table answers, in a form two tables built separately can be compared by:
+/// for each probe, the route, backend, endpoint addresses, protocol and canary; then the
+/// problems.
+fn answers(t: &Table) -> Vec<String> {
+    let addrs = |b: &Backend| {
+        format!(
+            "{} {:?} h2={}",
+            b.name,
+            b.endpoints.iter().map(|e| e.addr).collect::<Vec<_>>(),
+            b.h2
+        )
+    };
+    let mut out = Vec::new();
+    for host in ["a.example.com", "x.wild.example.com", "other"] {
+        for path in ["/", "/api", "/api/v1", "/grpc", "/web/x"] {
+            out.push(match t.route(host, path) {
+                None => format!("{host}{path}: none"),
+                Some(tg) => format!(
+                    "{host}{path}: {} -> {}; canary {:?}",
+                    tg.route,
+                    addrs(&tg.backend),
+                    tg.canary
+                        .as_ref()
+                        .map(|c| format!("{} -> {}", c.route, addrs(&c.backend)))
+                ),
+            });
+        }
+    }
+    let mut problems = t.problems.clone();
+    problems.sort();
+    out.extend(problems);
+    out
+}
+
+/// Random EndpointSlices for `web` and `api`: ports and names that match or not, ready and
+/// unready addresses, now and then a bad address.
+fn random_slices(rng: &mut impl rand::Rng) -> Vec<Arc<EndpointSlice>> {
+    let mut out = Vec::new();
+    for (svc, ports) in [
+        ("web", &["http"][..]),
+        ("api", &["http", "grpc", "other"][..]),
+    ] {
+        for i in 0..rng.random_range(0..3) {
+            let port = ports[rng.random_range(0..ports.len())];
+            let mut eps: Vec<(String, bool)> = (0..rng.random_range(0..4))
+                .map(|_| {
+                    (
+                        format!("10.244.0.{}", rng.random_range(1..5)),
+                        rng.random_bool(0.8),
+                    )
+                })
+                .collect();
+            if rng.random_bool(0.1) {
+                eps.push(("not-an-ip".into(), true));
+            }
+            let eps: Vec<(&str, bool)> = eps.iter().map(|(a, r)| (a.as_str(), *r)).collect();
+            let number = 8000 + rng.random_range(0..2);
+            out.push(Arc::new(slice(
+                "ns",
+                &format!("{svc}-{i}"),
+                svc,
+                (port, number),
+                &eps,
+            )));
+        }
+    }
+    out
+}
+
+fn random_ingresses(rng: &mut impl rand::Rng) -> Vec<Arc<Ingress>> {
+    let mut main = ingress(
+        "ns",
+        "main",
+        vec![
+            ("a.example.com", "/", "Prefix", backend("web", 80)),
+            ("a.example.com", "/api", "Prefix", backend("api", 8080)),
+            (
+                "a.example.com",
+                "/grpc",
+                "Exact",
+                backend_named("api", "grpc"),
+            ),
+            ("*.wild.example.com", "/", "Prefix", backend("api", 8080)),
+            ("", "/web", "Prefix", backend("web", 80)),
+            ("", "/gone", "Prefix", backend("gone", 80)),
+        ],
+    );
+    if rng.random_bool(0.5) {
+        annotate(
+            &mut main.metadata,
+            &[("ingress.weir.io/load-balance", "round_robin")],
+        );
+    }
+    if let Some(s) = main.spec.as_mut() {
+        s.default_backend = Some(backend("web", 80));
+    }
+    let mut out = vec![Arc::new(main)];
+    if rng.random_bool(0.5) {
+        let mut canary = ingress(
+            "ns",
+            "canary",
+            vec![("a.example.com", "/api", "Prefix", backend("web", 80))],
+        );
+        annotate(
+            &mut canary.metadata,
+            &[
+                ("ingress.weir.io/canary", "true"),
+                ("ingress.weir.io/canary-weight", "30"),
+            ],
+        );
+        out.push(Arc::new(canary));
+    }
+    out
+}
+
+#[test]
+fn endpoint_only_updates_equal_a_full_rebuild_over_random_changes() {
+    use rand::{Rng, SeedableRng};
+    for seed in 0..20u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut s = snap(Vec::new());
+        s.ingresses = random_ingresses(&mut rng);
+        s.slices = random_slices(&mut rng);
+        let mut incremental = Builder::default();
+        let mut table = incremental.build(&s);
+        for step in 0..40 {
+            let slices_only = rng.random_bool(0.8);
+            if slices_only {
+                s.slices = random_slices(&mut rng);
+                table = incremental.update_endpoints(&table, &s);
+            } else {
+                s.ingresses = random_ingresses(&mut rng);
+                s.slices = random_slices(&mut rng);
+                table = incremental.build(&s);
+            }
+            let full = Builder::default().build(&s);
+            assert_eq!(
+                answers(&table),
+                answers(&full),
+                "seed {seed} step {step} (slices only: {slices_only})"
+            );
+        }
+    }
+}
+
+#[test]
+fn endpoint_update_keeps_untouched_targets_and_endpoint_state() {
+    let ing = ingress(
+        "ns",
+        "i",
+        vec![
+            ("h", "/web", "Prefix", backend("web", 80)),
+            ("h", "/api", "Prefix", backend("api", 8080)),
+        ],
+    );
+    let mut s = snap(vec![ing]);
+    let mut b = Builder::default();
+    let before = b.build(&s);
+    // web gains an endpoint; api's slices are untouched.
+    s.slices[0] = Arc::new(slice(
+        "ns",
+        "web-1",
+        "web",
+        ("http", 8000),
+        &[("10.244.0.1", true), ("10.244.0.2", true)],
+    ));
+    let after = b.update_endpoints(&before, &s);
+    let (api0, api1) = (before.route("h", "/api"), after.route("h", "/api"));
+    assert!(
+        api0.zip(api1).is_some_and(|(a, b)| Arc::ptr_eq(a, b)),
+        "the api target is kept as it was"
+    );
+    let (web0, web1) = (
+        before.route("h", "/web").expect("web route"),
+        after.route("h", "/web").expect("web route"),
+    );
+    assert_eq!(web1.backend.endpoints.len(), 2);
+    assert!(
+        Arc::ptr_eq(&web0.backend.endpoints[0], &web1.backend.endpoints[0]),
+        "the endpoint that stayed keeps its load and health state"
+    );
+}
