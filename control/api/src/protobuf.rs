@@ -123,12 +123,13 @@ fn object(api_version: &str, kind: &str, raw: &[u8]) -> Result<Value> {
         "Service" => service(parse(raw)?),
         "Binding" => binding(parse(raw)?),
         "Deployment" => deployment(parse(raw)?),
+        "ReplicaSet" => replica_set(parse(raw)?),
         "Scale" => scale(parse(raw)?),
         "Ingress" => ingress(parse(raw)?),
         "IngressClass" => ingress_class(parse(raw)?),
         "Lease" => lease(parse(raw)?),
-        // Node, Pod, Event, ReplicaSet, EndpointSlice: no kubectl generator creates them
-        // and weir's own components write them as JSON.
+        // Node, Pod, Event, EndpointSlice: no kubectl generator creates them and weir's own
+        // components write them as JSON.
         _ => Err(Error::Unsupported(
             "protobuf decoding of this kind is not implemented".into(),
         )),
@@ -684,6 +685,51 @@ fn deployment(d: apps::v1::Deployment) -> Result<Value> {
                 .keep_int("terminatingReplicas", terminating_replicas)
                 .keep_int("collisionCount", collision_count)
                 .done())
+        })
+        .map(Obj::done)
+}
+
+fn replica_set(r: apps::v1::ReplicaSet) -> Result<Value> {
+    let apps::v1::ReplicaSet {
+        metadata,
+        spec,
+        status,
+    } = r;
+    Obj::default()
+        .obj("metadata", metadata, object_meta)?
+        .obj("spec", spec, |s| {
+            let apps::v1::ReplicaSetSpec {
+                replicas,
+                min_ready_seconds,
+                selector,
+                template,
+            } = s;
+            Obj::default()
+                .keep_int("replicas", replicas)
+                .int("minReadySeconds", min_ready_seconds)
+                .obj("selector", selector, label_selector)?
+                .obj("template", template, pod_template)?
+                .ok()
+        })?
+        .obj("status", status, |s| {
+            let apps::v1::ReplicaSetStatus {
+                replicas,
+                fully_labeled_replicas,
+                ready_replicas,
+                available_replicas,
+                terminating_replicas,
+                observed_generation,
+                conditions,
+            } = s;
+            not_set("status.conditions", !conditions.is_empty())?;
+            Obj::default()
+                .int("replicas", replicas)
+                .int("fullyLabeledReplicas", fully_labeled_replicas)
+                .int("readyReplicas", ready_replicas)
+                .int("availableReplicas", available_replicas)
+                .keep_int("terminatingReplicas", terminating_replicas)
+                .int("observedGeneration", observed_generation)
+                .ok()
         })
         .map(Obj::done)
 }

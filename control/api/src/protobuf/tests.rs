@@ -416,6 +416,42 @@ fn kinds_weir_does_not_serve_are_415() {
 }
 
 #[test]
+fn replica_sets_share_the_pod_template_conversion() {
+    let rs = apps::v1::ReplicaSet {
+        metadata: object_meta("rs"),
+        spec: Some(apps::v1::ReplicaSetSpec {
+            replicas: Some(0),
+            selector: Some(meta::LabelSelector {
+                match_labels: [("app".to_string(), "web".to_string())].into(),
+                match_expressions: vec![],
+            }),
+            template: Some(core::v1::PodTemplateSpec {
+                metadata: None,
+                spec: Some(core::v1::PodSpec {
+                    containers: vec![core::v1::Container {
+                        name: Some("web".into()),
+                        image: Some("x".into()),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            }),
+            min_ready_seconds: Some(0),
+        }),
+        status: None,
+    };
+    let obj = admitted(&envelope("apps/v1", "ReplicaSet", &rs));
+    assert_eq!(
+        obj["spec"],
+        json!({
+            "replicas": 0,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {"spec": {"containers": [{"name": "web", "image": "x"}]}},
+        })
+    );
+}
+
+#[test]
 fn scale_bodies_decode_for_the_scale_subresource() {
     let scale = autoscaling::v1::Scale {
         metadata: object_meta("d"),
