@@ -387,7 +387,9 @@ fn managed_fields_entry(e: meta::ManagedFieldsEntry) -> Result<Value> {
         .str("apiVersion", api_version)
         .obj("time", at, time)?
         .str("fieldsType", fields_type)
-        .obj("fieldsV1", fields_v1, |f| raw_json("fieldsV1", f.raw))?
+        .obj("fieldsV1", fields_v1, |meta::FieldsV1 { raw }| {
+            raw_json("fieldsV1", raw)
+        })?
         .str("subresource", subresource)
         .ok()
 }
@@ -432,7 +434,8 @@ fn namespace(ns: core::v1::Namespace) -> Result<Value> {
     Obj::default()
         .obj("metadata", metadata, object_meta)?
         .obj("spec", spec, |s| {
-            Ok(Obj::default().strs("finalizers", s.finalizers).done())
+            let core::v1::NamespaceSpec { finalizers } = s;
+            Ok(Obj::default().strs("finalizers", finalizers).done())
         })?
         .obj("status", status, |s| {
             let core::v1::NamespaceStatus { phase, conditions } = s;
@@ -534,7 +537,8 @@ fn service(s: core::v1::Service) -> Result<Value> {
             } = s;
             not_set(
                 "status.loadBalancer.ingress",
-                load_balancer.is_some_and(|lb| !lb.ingress.is_empty()),
+                load_balancer
+                    .is_some_and(|core::v1::LoadBalancerStatus { ingress }| !ingress.is_empty()),
             )?;
             not_set("status.conditions", !conditions.is_empty())?;
             Ok(Obj::default()
@@ -744,7 +748,8 @@ fn scale(s: autoscaling::v1::Scale) -> Result<Value> {
         .obj("metadata", metadata, object_meta)?
         // ScaleSpec.replicas is a plain int32, but 0 there means "scale to zero".
         .obj("spec", spec, |s| {
-            Ok(Obj::default().keep_int("replicas", s.replicas).done())
+            let autoscaling::v1::ScaleSpec { replicas } = s;
+            Ok(Obj::default().keep_int("replicas", replicas).done())
         })?
         .obj("status", status, |s| {
             let autoscaling::v1::ScaleStatus { replicas, selector } = s;
@@ -855,7 +860,8 @@ fn pod_spec(s: core::v1::PodSpec) -> Result<Value> {
         .bool("hostIPC", host_ipc)
         .keep_bool("shareProcessNamespace", share_process_namespace)
         .list("imagePullSecrets", image_pull_secrets, |r| {
-            Ok(Obj::default().str("name", r.name).done())
+            let core::v1::LocalObjectReference { name } = r;
+            Ok(Obj::default().str("name", name).done())
         })?
         .str("hostname", hostname)
         .str("subdomain", subdomain)
@@ -1015,12 +1021,14 @@ fn ingress(i: networking::v1::Ingress) -> Result<Value> {
                         ingress_rule_value,
                     } = r;
                     // IngressRuleValue is inlined in Go's JSON: `http` sits in the rule.
-                    let http = ingress_rule_value.and_then(|v| v.http);
+                    let http = ingress_rule_value
+                        .and_then(|networking::v1::IngressRuleValue { http }| http);
                     Obj::default()
                         .str("host", host)
                         .obj("http", http, |h| {
+                            let networking::v1::HttpIngressRuleValue { paths } = h;
                             Obj::default()
-                                .list("paths", h.paths, |p| {
+                                .list("paths", paths, |p| {
                                     let networking::v1::HttpIngressPath {
                                         path,
                                         path_type,
@@ -1042,7 +1050,9 @@ fn ingress(i: networking::v1::Ingress) -> Result<Value> {
             let networking::v1::IngressStatus { load_balancer } = s;
             not_set(
                 "status.loadBalancer.ingress",
-                load_balancer.is_some_and(|lb| !lb.ingress.is_empty()),
+                load_balancer.is_some_and(
+                    |networking::v1::IngressLoadBalancerStatus { ingress }| !ingress.is_empty(),
+                ),
             )?;
             Ok(Obj::default()
                 .set("loadBalancer", Value::Object(Map::new()))
