@@ -185,12 +185,22 @@ pub async fn run(
     ensure_cgroup(&cgroup)?;
     let maps = load_and_attach(&args.bpf_root, &cgroup)?;
     let (devices, node_ips) = devices_and_node_ips(&args.devices, &args.node_ips)?;
-    tc::TcPrograms::load(&args.bpf_root)?.attach(&args.bpf_root, &devices)?;
-    tracing::info!(
-        ?devices,
-        ?node_ips,
-        "tc programs attached for NodePorts and externalIPs"
-    );
+    let attached = tc::TcPrograms::load(&args.bpf_root)
+        .and_then(|mut progs| progs.attach(&args.bpf_root, &devices));
+    match attached {
+        Ok(()) => tracing::info!(
+            ?devices,
+            ?node_ips,
+            "tc programs attached for NodePorts and externalIPs"
+        ),
+        // Devices the operator named must work; detected ones may not suit tc (the socket
+        // path serves pods and the host either way).
+        Err(e) if args.devices.is_empty() => tracing::warn!(
+            ?devices,
+            "no NodePort/externalIP service from outside the node: {e}"
+        ),
+        Err(e) => return Err(e),
+    }
     let syncer = Syncer::new(
         maps,
         MaglevConfig {

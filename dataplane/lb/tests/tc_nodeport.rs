@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -94,14 +94,28 @@ fn udp_hello(to: SocketAddr) -> std::io::Result<String> {
 
 /// Loads the tc programs and attaches them to the node's external device, as an agent start
 /// does (in the node namespace: interface names are per namespace).
-fn start_agent(lab: &Lab, bpf: &PathBuf, dev: &str) -> Result<()> {
-    let (bpf, dev) = (bpf.clone(), dev.to_string());
+fn start_agent(lab: &Lab, bpf: &Path, dev: &str) -> Result<()> {
+    let (bpf, dev) = (bpf.to_path_buf(), dev.to_string());
     in_netns(&lab.host, move || -> Result<()> {
         TcPrograms::load(&bpf)?.attach(&bpf, &[dev])?;
         Ok(())
     })?
     .join()
     .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
+}
+
+/// Waits until `dev` has `want` programs per direction: an unpinned link is released by the
+/// kernel shortly after, not during, the unlink.
+fn wait_attached(lab: &Lab, dev: &str, want: (usize, usize)) -> Result<()> {
+    let mut last = attached(lab, dev)?;
+    for _ in 0..40 {
+        if last == want {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        last = attached(lab, dev)?;
+    }
+    anyhow::bail!("{dev} has {last:?} programs (ingress, egress), want {want:?}")
 }
 
 /// Programs attached to `dev` in the node namespace, per direction.

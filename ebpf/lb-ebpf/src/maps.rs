@@ -34,8 +34,7 @@ pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(LRU_E
 #[map(name = "WEIR_CT")]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(LRU_ENTRIES, 0);
 
-/// Round-robin position per service id, advanced with an atomic fetch-and-add (64-bit: the
-/// BPF target has no 32-bit atomics).
+/// Round-robin position per service id, advanced with an atomic compare-and-swap.
 #[map(name = "WEIR_RR")]
 pub static RR: Array<u32> = Array::pinned(MAX_SERVICES, 0);
 

@@ -170,3 +170,82 @@ fn bad_fields_are_reported_by_name_and_the_rest_is_kept() {
         "{text:?}"
     );
 }
+
+fn at(ip: [u8; 4], port: u16, proto: u8) -> Frontend {
+    Frontend {
+        addr: SocketAddrV4::new(ip.into(), port),
+        proto,
+    }
+}
+
+#[test]
+fn node_ports_external_ips_and_lb_ips_follow_external_traffic_policy() {
+    let eps = endpoints(
+        json!([{"addresses": ["10.244.0.2"], "nodeName": "a"}, {"addresses": ["10.244.1.2"], "nodeName": "b"}]),
+    );
+    let cfg = ModelConfig {
+        node_name: Some("b".into()),
+        node_ips: vec![[192, 168, 1, 5].into(), [192, 168, 2, 5].into()],
+        ..Default::default()
+    };
+    let mut s = web(json!({
+        "type": "LoadBalancer", "externalTrafficPolicy": "Local", "externalIPs": ["203.0.113.1"],
+        "ports": [{"name": "http", "port": 80, "nodePort": 30080},
+                  {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30053}]
+    }));
+    s.status = Some(serde_json::from_value(
+        json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}, {"hostname": "lb.example"}]}}),
+    ).expect("status"));
+    let (d, problems) = desired(&[s], std::slice::from_ref(&eps), &cfg);
+    assert!(problems.is_empty(), "{problems:?}");
+    // ClusterIP + externalIP + LB IP on the port, both node IPs on the nodePort: 5 per port.
+    assert_eq!(d.len(), 10, "{:?}", d.keys().collect::<Vec<_>>());
+    assert_eq!(
+        addrs(&d, fe(80, PROTO_TCP)).len(),
+        2,
+        "ClusterIP: every endpoint"
+    );
+    for f in [
+        at([192, 168, 1, 5], 30080, PROTO_TCP),
+        at([192, 168, 2, 5], 30053, PROTO_UDP),
+        at([203, 0, 113, 1], 80, PROTO_TCP),
+        at([198, 51, 100, 9], 53, PROTO_UDP),
+    ] {
+        assert_eq!(
+            d[&f].backends.len(),
+            1,
+            "{f:?}: Local keeps this node's only"
+        );
+        assert_eq!(d[&f].backends[0].ip(), &Ipv4Addr::new(10, 244, 1, 2));
+    }
+
+    // Cluster (the default): every endpoint; a ClusterIP Service gets no node port frontends
+    // even if a stale nodePort is left in its spec.
+    let s = web(
+        json!({"type": "NodePort", "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}),
+    );
+    let (d, _) = desired(&[s], std::slice::from_ref(&eps), &cfg);
+    assert_eq!(d[&at([192, 168, 1, 5], 30080, PROTO_TCP)].backends.len(), 2);
+    let s = web(json!({"ports": [{"name": "http", "port": 80, "nodePort": 30080}]}));
+    let (d, _) = desired(&[s], &[eps], &cfg);
+    assert_eq!(d.len(), 1);
+}
+
+#[test]
+fn a_node_port_out_of_range_is_reported() {
+    let s = web(
+        json!({"type": "NodePort", "ports": [{"name": "http", "port": 80, "nodePort": 70000}]}),
+    );
+    let cfg = ModelConfig {
+        node_ips: vec![[192, 168, 1, 5].into()],
+        ..Default::default()
+    };
+    let (d, problems) = desired(&[s], &[] as &[EndpointSlice], &cfg);
+    assert_eq!(d.len(), 1, "the ClusterIP frontend stays");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.reason.contains("nodePort") && p.reason.contains("70000")),
+        "{problems:?}"
+    );
+}
