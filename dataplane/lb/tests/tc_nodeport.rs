@@ -92,12 +92,12 @@ fn udp_hello(to: SocketAddr) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
-/// Loads the tc programs and attaches them to the node's external device, as an agent start
+/// Loads the tc programs and attaches them to the node's external devices, as an agent start
 /// does (in the node namespace: interface names are per namespace).
-fn start_agent(lab: &Lab, bpf: &Path, dev: &str) -> Result<()> {
-    let (bpf, dev) = (bpf.to_path_buf(), dev.to_string());
+fn start_agent(lab: &Lab, bpf: &Path, devices: &[String]) -> Result<()> {
+    let (bpf, devices) = (bpf.to_path_buf(), devices.to_vec());
     in_netns(&lab.host, move || -> Result<()> {
-        TcPrograms::load(&bpf)?.attach(&bpf, &[dev])?;
+        TcPrograms::load(&bpf)?.attach(&bpf, &devices)?;
         Ok(())
     })?
     .join()
@@ -184,7 +184,7 @@ fn nodeport_and_external_ip_from_outside_the_node() -> Result<()> {
         backends.push(pod);
     }
     let ext = lab.add_external(&[&format!("{EXTERNAL_IP}/32")])?;
-    start_agent(&lab, &bpf.0, &ext.node_dev)?;
+    start_agent(&lab, &bpf.0, std::slice::from_ref(&ext.node_dev))?;
     let mut syncer = Syncer::new(LbMaps::open_pinned(&bpf.0)?, MaglevConfig::default())?;
     program(&mut syncer, ext.node_ip, &backends)?;
 
@@ -259,23 +259,21 @@ fn nodeport_and_external_ip_from_outside_the_node() -> Result<()> {
         .recv_timeout(TIMEOUT * 2)
         .context("long-lived connection")?;
     drop(syncer);
-    start_agent(&lab, &bpf.0, &ext.node_dev)?;
+    start_agent(&lab, &bpf.0, std::slice::from_ref(&ext.node_dev))?;
     let mut syncer = Syncer::new(LbMaps::open_pinned(&bpf.0)?, MaglevConfig::default())?;
     program(&mut syncer, ext.node_ip, &backends)?;
-    ensure!(
-        attached(&lab, &ext.node_dev)? == (1, 1),
-        "restart left extra programs"
-    );
+    wait_attached(&lab, &ext.node_dev, (1, 1)).context("after the restart")?;
     tx.send(())?;
     conn.join()
         .map_err(|_| anyhow::anyhow!("connection thread panicked"))?
         .context("connection across the restart")?;
 
-    // Uninstall takes the tc programs off the device too.
+    // A restart without the device takes the programs off it; uninstall does too.
+    start_agent(&lab, &bpf.0, &[])?;
+    wait_attached(&lab, &ext.node_dev, (0, 0)).context("after dropping the device")?;
+    start_agent(&lab, &bpf.0, std::slice::from_ref(&ext.node_dev))?;
+    wait_attached(&lab, &ext.node_dev, (1, 1))?;
     weir_lb::unpin_all(&bpf.0)?;
-    ensure!(
-        attached(&lab, &ext.node_dev)? == (0, 0),
-        "programs left after unpin_all"
-    );
+    wait_attached(&lab, &ext.node_dev, (0, 0)).context("after unpin_all")?;
     Ok(())
 }
