@@ -37,9 +37,9 @@ struct Cli {
     /// weir's worker threads (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     weir_workers: usize,
-    /// Only measure weir with wrk -c64 (for quick tuning runs); writes nothing.
+    /// Only the wrk -c64 comparison (for quick tuning runs); writes nothing.
     #[arg(long)]
-    weir_only: bool,
+    quick: bool,
     /// Print the table without writing docs/benchmarks.md.
     #[arg(long)]
     no_write: bool,
@@ -219,6 +219,10 @@ async fn bench(cli: Cli) -> Result<()> {
         &format!("--workers={}", cli.weir_workers),
     ])?
     .args;
+    let weir_workers = match cli.weir_workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let table = weir_ingress::shared_table();
     let mut builder = Builder::new(Default::default(), args.default_ssl_certificate.clone());
     table.store(Arc::new(builder.build(&snapshot(&[echo0], ws, &secret, 0))));
@@ -272,8 +276,16 @@ async fn bench(cli: Cli) -> Result<()> {
         md,
         "Produced by `cargo run --release -p weir-bench --bin ingress_bench` ({} s per run after a 2 s warm-up). \
          Same run, loopback, 2 cores shared by load generator, proxy and backend; every proxy forwards to the same \
-         `weir echo` backend over keep-alive HTTP/1.1 (nginx {}, haproxy {}, access logs off).\n",
+         `weir echo` backend over keep-alive HTTP/1.1 and sets X-Forwarded-For/-Proto.\n",
         cli.duration,
+    )?;
+    writeln!(
+        md,
+        "Configurations: weir {} workers (one thread, runtime, SO_REUSEPORT socket and upstream pool each), \
+         `--access-log=false`; nginx {} `worker_processes auto`, upstream `keepalive 512`, `access_log off`; \
+         haproxy {} `nbthread 2`, `http-reuse always`, no `log` line (no access log). Every proxy's upstream \
+         connections are reused across requests.\n",
+        weir_workers,
         tool_version("nginx", &["-v"]),
         tool_version("haproxy", &["-v"]),
     )?;
@@ -297,7 +309,8 @@ async fn bench(cli: Cli) -> Result<()> {
         "| proxy | connections | requests/s | p50 | p99 | proxy CPU per request | errors | vs nginx req/s |"
     )?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
-    for conns in [64, 256] {
+    let conn_counts: &[u32] = if cli.quick { &[64] } else { &[64, 256] };
+    for &conns in conn_counts {
         let mut results: Vec<(&str, Vec<(WrkResult, f64)>)> =
             proxies.iter().map(|p| (p.name, Vec::new())).collect();
         for round in 0..cli.rounds {
@@ -340,6 +353,12 @@ async fn bench(cli: Cli) -> Result<()> {
         }
     }
 
+    if cli.quick {
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), weir_task).await;
+        print!("{md}");
+        return Ok(());
+    }
     writeln!(
         md,
         "\n### TLS + HTTP/2 (h2load -c32 -m10 -t2 -n {}, after a 20000-request warm-up)\n",
@@ -382,25 +401,28 @@ async fn bench(cli: Cli) -> Result<()> {
     writeln!(md, "\n### Routing changes under load (weir)\n")?;
     writeln!(
         md,
-        "100 changes, one every 100 ms (each flips the echo Service between one and two endpoints and adds or \
-         removes an Ingress; every change rebuilds and swaps the whole table), while wrk -c64 runs and {} \
-         WebSockets stay open through the proxy and are pinged after every change.\n",
+        "100 changes, one every 100 ms, while wrk -c64 runs and {} WebSockets stay open through the proxy and \
+         are pinged after every change. Each change flips the echo Service between one and two endpoints; every \
+         fourth one also adds or removes an Ingress. Endpoint-only changes update the current table \
+         (`Builder::update_endpoints`, as the watch does when only EndpointSlices changed); the others rebuild it \
+         whole.\n",
         changes.websockets
     )?;
     writeln!(
         md,
-        "| changes | requests during changes | failed requests | WebSockets dropped | table build + swap (max) |"
+        "| changes | requests during changes | failed requests | WebSockets dropped | full rebuild + swap (max) | endpoint update + swap (max) |"
     )?;
-    writeln!(md, "|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
     writeln!(
         md,
-        "| {} | {} | {} | {} of {} | {} |",
+        "| {} | {} | {} | {} of {} | {} | {} |",
         changes.applied,
         changes.wrk.requests,
         changes.wrk.errors,
         changes.dropped,
         changes.websockets,
-        fmt_dur(changes.max_swap)
+        fmt_dur(changes.max_full),
+        fmt_dur(changes.max_update)
     )?;
 
     shutdown.cancel();
@@ -766,7 +788,8 @@ struct Changes {
     wrk: WrkResult,
     websockets: usize,
     dropped: usize,
-    max_swap: Duration,
+    max_full: Duration,
+    max_update: Duration,
 }
 
 async fn open_ws(addr: SocketAddr) -> Result<TcpStream> {
@@ -816,7 +839,7 @@ async fn route_changes(
     let load = tokio::spawn(wrk(proxy, 64, 12));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut max_swap = Duration::ZERO;
+    let (mut max_full, mut max_update) = (Duration::ZERO, Duration::ZERO);
     for i in 0..100 {
         tick.tick().await;
         let eps: &[SocketAddr] = if i % 2 == 0 {
@@ -824,9 +847,15 @@ async fn route_changes(
         } else {
             &[echo0]
         };
+        let snap = snapshot(eps, ws, secret, (i / 4) % 7);
         let started = Instant::now();
-        table.store(Arc::new(builder.build(&snapshot(eps, ws, secret, i % 7))));
-        max_swap = max_swap.max(started.elapsed());
+        if i % 4 == 0 {
+            table.store(Arc::new(builder.build(&snap)));
+            max_full = max_full.max(started.elapsed());
+        } else {
+            table.store(Arc::new(builder.update_endpoints(&table.load(), &snap)));
+            max_update = max_update.max(started.elapsed());
+        }
         for (j, slot) in sockets.iter_mut().enumerate() {
             if let Some(s) = slot
                 && !ws_ping(s, i * SOCKETS + j).await
@@ -842,6 +871,7 @@ async fn route_changes(
         wrk,
         websockets: SOCKETS,
         dropped,
-        max_swap,
+        max_full,
+        max_update,
     })
 }
