@@ -982,11 +982,15 @@ async fn scale_update(
             }
         };
         let pinned = meta::client_rv(&scale)?;
-        let replicas = scale["spec"]["replicas"].as_i64().ok_or_else(|| {
-            ApiError::bad_request(
-                "spec.replicas: Required value: the Scale must set spec.replicas".to_string(),
-            )
-        })?;
+        // Scale's `replicas` is `omitempty` in Go, so a client scaling to zero sends no field.
+        let replicas = match &scale["spec"]["replicas"] {
+            Value::Null => 0,
+            v => v.as_i64().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "spec.replicas: Invalid value: {v}: must be an integer"
+                ))
+            })?,
+        };
         if replicas < 0 {
             return Err(ApiError::new(
                 422,

@@ -400,6 +400,15 @@ async fn objects_behave_like_kubernetes(r: &Running) {
         .expect("status");
     assert_eq!(d.status.and_then(|s| s.ready_replicas), Some(2));
     assert_eq!(d.metadata.generation, Some(2));
+    // Go's JSON omits `replicas: 0`, so a Scale with an empty spec scales to zero.
+    let mut zero = deploys.get_scale("web").await.expect("scale");
+    zero.spec = Some(Default::default());
+    deploys
+        .replace_scale("web", &PostParams::default(), &zero)
+        .await
+        .expect("scale to zero");
+    let d = deploys.get("web").await.expect("get");
+    assert_eq!(d.spec.and_then(|s| s.replicas), Some(0));
 
     // Binding sets nodeName once.
     let pods: Api<Pod> = Api::namespaced(c.clone(), "default");
