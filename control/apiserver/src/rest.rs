@@ -91,6 +91,11 @@ pub fn store_error(e: StoreError) -> ApiError {
         StoreError::Unavailable(msg) => {
             ApiError::unavailable(format!("storage is unavailable: {msg}"))
         }
+        // 504 without Retry-After, as kube-apiserver answers: a timed-out create may have
+        // been applied, and a client that retried it would get AlreadyExists.
+        StoreError::Timeout(msg) => ApiError::timeout(&format!(
+            "request did not complete within the allowed duration: {msg}"
+        )),
         // Under the request limit but over what one store value may hold (etcd refuses
         // such writes too): the client must send less, so 413 as kube-apiserver answers.
         StoreError::ValueTooLarge { size, limit, .. } => ApiError::too_large(&format!(
@@ -1384,5 +1389,15 @@ mod tests {
                 .code,
             400
         );
+    }
+
+    #[test]
+    fn an_unreachable_store_is_retried_and_a_timed_out_write_is_not() {
+        let down = Failure(store_error(StoreError::Unavailable("refused".into()))).into_response();
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(down.headers().contains_key(header::RETRY_AFTER));
+        let slow = Failure(store_error(StoreError::Timeout("5s".into()))).into_response();
+        assert_eq!(slow.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(!slow.headers().contains_key(header::RETRY_AFTER));
     }
 }

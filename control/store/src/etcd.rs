@@ -2,9 +2,9 @@
 //!
 //! Writes are etcd transactions (a create compares `create_revision == 0`, an update or a
 //! conditional delete compares `mod_revision`), so concurrent writers get [`Error::Conflict`]
-//! rather than lost updates. Every unary call is bounded by [`REQUEST_TIMEOUT`]: a dead or
-//! hung etcd gives [`Error::Unavailable`], and the client reconnects on its own once etcd is
-//! back. A watch survives a dropped connection: it re-creates the etcd watch from the last
+//! rather than lost updates. Every unary call is bounded by [`REQUEST_TIMEOUT`]: a dead etcd
+//! gives [`Error::Unavailable`], a hung one [`Error::Timeout`], and the client reconnects on
+//! its own once etcd is back. A watch survives a dropped connection: it re-creates the etcd watch from the last
 //! delivered revision + 1, so no event is lost, or ends with [`Error::Compacted`] if etcd
 //! compacted those revisions meanwhile.
 
@@ -48,8 +48,9 @@ impl EtcdStore {
             // Keep-alive notices a silently dead connection, so a watch on it is re-created.
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
+        // Nothing was written yet, so a timeout here is plainly "unavailable".
         let at = |e| match e {
-            Error::Unavailable(msg) => {
+            Error::Unavailable(msg) | Error::Timeout(msg) => {
                 Error::Unavailable(format!("etcd at {}: {msg}", endpoints.join(",")))
             }
             other => other,
@@ -168,7 +169,7 @@ async fn bounded<T>(
 }
 
 fn timeout_error() -> Error {
-    Error::Unavailable(format!(
+    Error::Timeout(format!(
         "etcd did not answer within {}s",
         REQUEST_TIMEOUT.as_secs()
     ))
@@ -179,8 +180,8 @@ fn map_err(e: etcd_client::Error) -> Error {
     use tonic::Code;
     match &e {
         E::GRpcStatus(status) => match status.code() {
+            Code::DeadlineExceeded => Error::Timeout(format!("etcd: {}", status.message())),
             Code::Unavailable
-            | Code::DeadlineExceeded
             | Code::Cancelled
             | Code::Aborted
             | Code::ResourceExhausted

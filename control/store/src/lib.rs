@@ -127,6 +127,10 @@ pub enum Error {
     /// The backend cannot be reached now; the request may succeed later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The backend did not answer in time. A write may or may not have been applied, so a
+    /// caller must not blindly repeat it.
+    #[error("store timeout: {0}")]
+    Timeout(String),
     #[error("store internal error: {0}")]
     Internal(String),
 }

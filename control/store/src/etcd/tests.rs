@@ -59,7 +59,10 @@ async fn etcd_stopped_while_serving() {
         .expect("writer task");
     for (result, took) in &outcomes {
         if let Err(e) = result {
-            assert!(matches!(e, Error::Unavailable(_)), "write error: {e:?}");
+            assert!(
+                matches!(e, Error::Unavailable(_) | Error::Timeout(_)),
+                "write error: {e:?}"
+            );
             assert!(*took < DEAD_BOUND, "a failed write took {took:?}");
         }
     }
@@ -77,7 +80,7 @@ async fn etcd_stopped_while_serving() {
             _ => store.watch("/f/", start).await.map(|_| ()),
         };
         assert!(
-            matches!(result, Err(Error::Unavailable(_))),
+            matches!(result, Err(Error::Unavailable(_) | Error::Timeout(_))),
             "{call} against a dead etcd: {result:?}"
         );
         assert!(t.elapsed() < DEAD_BOUND, "{call} took {:?}", t.elapsed());
@@ -91,7 +94,7 @@ async fn etcd_stopped_while_serving() {
     let after = loop {
         match store.create("/f/after", b"2".to_vec()).await {
             Ok(kv) => break kv,
-            Err(Error::Unavailable(e)) if Instant::now() < deadline => {
+            Err(Error::Unavailable(e) | Error::Timeout(e)) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "etcd not reachable yet");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -168,8 +171,8 @@ async fn hung_etcd_times_out_and_recovers() {
         store.create("/h/a", b"1".to_vec()),
         store.list("/h/", ListOptions::default())
     );
-    assert!(matches!(write, Err(Error::Unavailable(_))), "{write:?}");
-    assert!(matches!(read, Err(Error::Unavailable(_))), "{read:?}");
+    assert!(matches!(write, Err(Error::Timeout(_))), "{write:?}");
+    assert!(matches!(read, Err(Error::Timeout(_))), "{read:?}");
     assert!(t.elapsed() < DEAD_BOUND, "took {:?}", t.elapsed());
 
     etcd.resume().expect("resume etcd");
