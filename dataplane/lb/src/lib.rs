@@ -220,7 +220,9 @@ pub async fn run(
             .map_err(|e| Error::io(format!("bind metrics {addr}"), e))?;
         tokio::spawn(metrics.clone().serve(listener, shutdown.clone()));
     }
-    watch::run(client, syncer, cfg, metrics, shutdown).await
+    // Connected UDP sockets left on a removed backend are destroyed, so they reconnect.
+    let stale = watch::stale::StaleUdp::new(&args.bpf_root, &cgroup);
+    watch::run_with(client, syncer, cfg, metrics, Some(stale), shutdown).await
 }
 
 /// The `--devices` and `--node-ip` in effect: given ones as they are, missing ones detected.
