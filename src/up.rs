@@ -175,7 +175,13 @@ async fn run_async(
         shutdown.clone(),
     ));
     if let Some(node) = node {
-        let node_roles = NodeRoles::parse(&node, &url, &token, &ca, &args)?;
+        // One node address for every role: the agent's Node, NodePorts on the tc path, and
+        // the address the ingress publishes in Ingress status.
+        let node_ip = match node.node_ip {
+            Some(ip) => Some(ip),
+            None => weir_agent::detect_node_ip(None).await,
+        };
+        let node_roles = NodeRoles::parse(&node, node_ip, &url, &token, &ca, &args)?;
         node_roles.spawn(&mut roles, client, shutdown.clone());
     }
 
@@ -214,9 +220,19 @@ struct NodeRoles {
     service_cidr: String,
 }
 
+/// Whether `argv` sets `flag` (as `--flag=v` or `--flag v`).
+fn has_flag(argv: &[String], flag: &str) -> bool {
+    argv.iter().any(|a| {
+        a == flag
+            || a.strip_prefix(flag)
+                .is_some_and(|rest| rest.starts_with('='))
+    })
+}
+
 impl NodeRoles {
     fn parse(
         node: &NodeArgs,
+        node_ip: Option<Ipv4Addr>,
         url: &str,
         token: &str,
         ca: &Path,
@@ -228,23 +244,33 @@ impl NodeRoles {
             format!("--certificate-authority={}", ca.display()),
             format!("--state-dir={}", cp.data_dir.join("agent").display()),
         ];
-        if let Some(name) = &node.node_name {
-            agent.push(format!("--node-name={name}"));
-        }
-        if let Some(ip) = node.node_ip {
+        // One node name for every role, so the load balancer's `Local` traffic policies see
+        // the endpoints the agent's pods publish.
+        let node_name = node
+            .node_name
+            .clone()
+            .unwrap_or_else(weir_agent::default_node_name);
+        agent.push(format!("--node-name={node_name}"));
+        if let Some(ip) = node_ip {
             agent.push(format!("--node-ip={ip}"));
         }
         agent.extend(node.agent_args.iter().cloned());
         let mut lb = node.lb_args.clone();
-        if let Some(name) = &node.node_name {
-            lb.push(format!("--node-name={name}"));
+        lb.push(format!("--node-name={node_name}"));
+        let mut ingress = node.ingress_args.clone();
+        if let Some(ip) = node_ip {
+            if !has_flag(&lb, "--node-ip") {
+                lb.push(format!("--node-ip={ip}"));
+            }
+            if !has_flag(&ingress, "--publish-address") {
+                ingress.push(format!("--publish-address={ip}"));
+            }
         }
         Ok(Self {
             agent: crate::roles::role_args(&agent).context("node agent flags")?,
             lb: crate::roles::role_args(&lb).context("load balancer flags (--lb-arg)")?,
             dns: crate::roles::role_args(&node.dns_args).context("DNS flags (--dns-arg)")?,
-            ingress: crate::roles::role_args(&node.ingress_args)
-                .context("ingress flags (--ingress-arg)")?,
+            ingress: crate::roles::role_args(&ingress).context("ingress flags (--ingress-arg)")?,
             service_cidr: cp.service_cidr.to_string(),
         })
     }

@@ -4,8 +4,9 @@
 //! several pods through the BPF socket load balancer, cluster DNS answers A/SRV/PTR at
 //! 10.96.0.10, and `getent hosts hello` resolves through the pod's search path; the ingress
 //! routes `Host: hello.example.com` to the pods, and HTTPS with a TLS Secret chosen by SNI;
-//! no iptables nat rules exist; `kubectl logs`
-//! reaches the agent; deleting the Service turns its name into NXDOMAIN.
+//! a NodePort answers a client namespace outside the node with its source address kept; no
+//! iptables nat rules exist; `kubectl logs` reaches the agent; deleting the Service turns its
+//! name into NXDOMAIN.
 //!
 //! Needs root, bpffs, cgroup2 and kubectl, curl and dig (installed by `dev.sh`). Every
 //! namespace, cgroup, pin and process it makes is removed on drop, even on failure.
@@ -32,6 +33,8 @@ fn cgroup2_root() -> PathBuf {
 /// Everything the test creates, torn down in reverse on drop.
 struct Node {
     name: String,
+    /// A namespace outside the node, linked to its eth0: "the internet" for NodePorts.
+    client: String,
     dir: tempfile::TempDir,
     cgroup: PathBuf,
     bpf_root: PathBuf,
@@ -46,6 +49,7 @@ impl Node {
             dir: tempfile::tempdir().expect("tempdir"),
             cgroup: cgroup2_root().join(format!("weir-up-{id}")),
             bpf_root: PathBuf::from(format!("/sys/fs/bpf/weir-up-{id}")),
+            client: format!("weir-client-{id}"),
             name,
             weir: None,
         };
@@ -66,7 +70,27 @@ impl Node {
                 "eth0",
             ],
             vec!["-n", &node.name, "link", "set", "eth0", "up"],
-            vec!["-n", &node.name, "link", "set", "eth0p", "up"],
+            // A client outside the node, on the other end of eth0.
+            vec!["netns", "add", &node.client],
+            vec![
+                "-n",
+                &node.name,
+                "link",
+                "set",
+                "eth0p",
+                "netns",
+                &node.client,
+            ],
+            vec![
+                "-n",
+                &node.client,
+                "addr",
+                "add",
+                "172.30.0.1/24",
+                "dev",
+                "eth0p",
+            ],
+            vec!["-n", &node.client, "link", "set", "eth0p", "up"],
         ] {
             run_ok(Command::new("ip").args(&args));
         }
@@ -214,18 +238,17 @@ impl Drop for Node {
             remove_cgroup_tree(&root);
         }
         let _ = std::fs::remove_dir_all(&self.bpf_root);
-        // Pod namespaces of this node, then the node namespace.
-        if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                let ns = line.split_whitespace().next().unwrap_or_default();
-                if ns.starts_with("weir-") && ns != self.name && ns.len() > 36 {
-                    let _ = Command::new("ip").args(["netns", "del", ns]).status();
-                }
+        // Pod namespaces of this node (one per pod directory the agent keeps), then the node
+        // namespace; never another test's pods.
+        if let Ok(pods) = std::fs::read_dir(self.dir.path().join("data/agent/pods")) {
+            for pod in pods.flatten() {
+                let ns = format!("weir-{}", pod.file_name().to_string_lossy());
+                let _ = Command::new("ip").args(["netns", "del", &ns]).status();
             }
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        for ns in [&self.client, &self.name] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
     }
 }
 
@@ -238,11 +261,6 @@ fn remove_cgroup_tree(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
-}
-
-/// `text` as the body of a YAML block scalar nested under a two-space key.
-fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("    {l}\n")).collect()
 }
 
 fn run_ok(cmd: &mut Command) {
@@ -418,20 +436,18 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
         .expect("self-signed certificate");
     let cert = node.dir.path().join("hello.crt");
     std::fs::write(&cert, tls.cert.pem()).expect("write cert");
-    // Applied as a manifest: kubectl 1.32's `create secret tls` sends protobuf, which weir's
-    // API server does not decode (it answers 415).
-    let secret = node.dir.path().join("hello-tls.yaml");
-    std::fs::write(
-        &secret,
-        format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: hello-tls\n  namespace: hello\n\
-             type: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
-            indent(&tls.cert.pem()),
-            indent(&tls.signing_key.serialize_pem())
-        ),
-    )
-    .expect("write secret");
-    node.kubectl_ok(&["apply", "-f", secret.to_str().expect("path")]);
+    let key = node.dir.path().join("hello.key");
+    std::fs::write(&key, tls.signing_key.serialize_pem()).expect("write key");
+    node.kubectl_ok(&[
+        "create",
+        "secret",
+        "tls",
+        "hello-tls",
+        "-n",
+        "hello",
+        &format!("--cert={}", cert.display()),
+        &format!("--key={}", key.display()),
+    ]);
     node.kubectl_ok(&[
         "patch",
         "ingress",
@@ -463,6 +479,57 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     assert!(
         !other.status.success(),
         "SNI other.example.com must not verify with hello's certificate: {other:?}"
+    );
+
+    // NodePort from a client outside the node, through the tc programs on eth0; with
+    // externalTrafficPolicy Local the pods see the client's own address.
+    node.kubectl_ok(&[
+        "patch",
+        "svc",
+        "hello",
+        "-n",
+        "hello",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"type":"NodePort","externalTrafficPolicy":"Local"}}"#,
+    ]);
+    let node_port = node.kubectl_ok(&[
+        "get",
+        "svc",
+        "hello",
+        "-n",
+        "hello",
+        "-o",
+        "jsonpath={.spec.ports[0].nodePort}",
+    ]);
+    let from_outside = || {
+        Command::new("ip")
+            .args(["netns", "exec", &node.client])
+            .args(["curl", "-s", "-m", "2"])
+            .arg(format!("http://172.30.0.2:{node_port}/"))
+            .output()
+            .expect("curl NodePort")
+    };
+    node.wait_for("the NodePort from outside", Duration::from_secs(20), || {
+        from_outside().status.success()
+    });
+    let mut node_port_pods = BTreeSet::new();
+    for _ in 0..9 {
+        let body = String::from_utf8_lossy(&from_outside().stdout).into_owned();
+        assert!(
+            body.starts_with("pod=hello-") && body.contains("client=172.30.0.1:"),
+            "NodePort answer with the client's address: {body:?}"
+        );
+        node_port_pods.insert(
+            body.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert!(
+        node_port_pods.len() >= 2,
+        "NodePort spreads: {node_port_pods:?}"
     );
 
     // No iptables NAT anywhere in the node.

@@ -15,7 +15,7 @@ pub mod pod;
 pub mod probe;
 pub mod runtime;
 
-pub use node::{Args, Error, default_node_name, run};
+pub use node::{Args, Error, default_node_name, detect_node_ip, run};
 
 #[cfg(test)]
 mod testutil;

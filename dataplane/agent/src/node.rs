@@ -209,7 +209,7 @@ pub fn default_node_name() -> String {
 }
 
 /// The first global IPv4 address in the node's namespace (not on the pod bridge).
-async fn detect_node_ip(netns: Option<&str>) -> Option<Ipv4Addr> {
+pub async fn detect_node_ip(netns: Option<&str>) -> Option<Ipv4Addr> {
     let mut cmd = tokio::process::Command::new("ip");
     if let Some(ns) = netns {
         cmd.args(["-n", ns]);
