@@ -24,9 +24,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::balance::{Backend, EjectPolicy, Endpoint, InFlight, now_ms};
 use crate::error::{ErrorKind, ProxyError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SeriesCache};
 use crate::pool::{Conn, Pool, PoolConfig};
-use crate::table::Table;
+use crate::table::{Table, Target};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -186,13 +186,32 @@ struct ExchangeError {
     source: BoxError,
 }
 
-/// Per-request facts gathered for the metrics and the access log.
+/// Per-request facts gathered for the metrics and the access log. The route and upstream
+/// labels are borrowed from the matched target rather than cloned: each clone is a
+/// reference-count update on a cache line that both workers write.
 #[derive(Default)]
 struct Outcome {
-    route: Option<Arc<str>>,
-    upstream: Option<Arc<str>>,
+    /// Whether the canary side was chosen; `None` until a backend is chosen.
+    canary: Option<bool>,
     endpoint: Option<SocketAddr>,
     attempts: u32,
+}
+
+impl Outcome {
+    /// The route and upstream labels of the chosen side of `target`.
+    fn labels<'t>(
+        &self,
+        target: Option<&'t Target>,
+    ) -> (Option<&'t Arc<str>>, Option<&'t Arc<str>>) {
+        match (target, self.canary) {
+            (Some(t), Some(false)) => (Some(&t.route), Some(&t.backend.name)),
+            (Some(t), Some(true)) => match &t.canary {
+                Some(c) => (Some(&c.route), Some(&c.backend.name)),
+                None => (None, None),
+            },
+            _ => (None, None),
+        }
+    }
 }
 
 /// The forwarding half of the ingress: one per worker thread, shared by its connections.
@@ -205,6 +224,7 @@ pub struct Proxy {
     h2: Client<HttpConnector, ReqBody>,
     cfg: ProxyConfig,
     metrics: Arc<Metrics>,
+    series: SeriesCache,
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -238,6 +258,7 @@ impl Proxy {
             h2,
             cfg,
             metrics,
+            series: SeriesCache::default(),
         }
     }
 
@@ -273,7 +294,25 @@ impl Proxy {
             )
         });
         let mut out = Outcome::default();
-        let resp = match self.forward(req, &conn, &mut out).await {
+        let host = host_of(&req);
+        // The guard is dropped at once: holding one across the exchange would pin a
+        // table that a swap has replaced.
+        let target = {
+            let host_str = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+            self.table.load().route(host_str, req.uri().path()).cloned()
+        };
+        let result = match &target {
+            Some(t) => self.forward(req, host, t, &conn, &mut out).await,
+            None => Err(ProxyError::new(
+                ErrorKind::NoRoute,
+                format!(
+                    "no Ingress rule matches host {:?} path {:?}",
+                    host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
+                    req.uri().path()
+                ),
+            )),
+        };
+        let resp = match result {
             Ok(resp) => resp,
             Err(e) => {
                 self.metrics.error(&e);
@@ -292,8 +331,9 @@ impl Proxy {
         };
         let elapsed = start.elapsed();
         let status = resp.status().as_u16();
+        let (route, upstream) = out.labels(target.as_deref());
         self.metrics
-            .request(out.route.as_ref(), out.upstream.as_ref(), status, elapsed);
+            .request(&self.series, route, upstream, status, elapsed);
         if let Some((method, uri, host, version)) = log {
             tracing::info!(
                 target: "weir_ingress::access",
@@ -304,8 +344,8 @@ impl Proxy {
                 path = uri.path(),
                 version = ?version,
                 status,
-                route = out.route.as_deref().unwrap_or(""),
-                upstream = out.upstream.as_deref().unwrap_or(""),
+                route = route.map_or("", |r| &**r),
+                upstream = upstream.map_or("", |u| &**u),
                 endpoint = %out.endpoint.map(|e| e.to_string()).unwrap_or_default(),
                 attempts = out.attempts,
                 duration_us = elapsed.as_micros() as u64,
@@ -317,28 +357,17 @@ impl Proxy {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
+        host: Option<HeaderValue>,
+        target: &Target,
         conn: &ConnInfo,
         out: &mut Outcome,
     ) -> Result<Response<RespBody>, ProxyError> {
-        let host = host_of(&req);
-        let host_str = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
-        let target = self.table.load().route(host_str, req.uri().path()).cloned();
-        let Some(target) = target else {
-            return Err(ProxyError::new(
-                ErrorKind::NoRoute,
-                format!(
-                    "no Ingress rule matches host {host_str:?} path {:?}",
-                    req.uri().path()
-                ),
-            ));
-        };
         if target.ssl_redirect && !conn.tls {
+            let host_str = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
             return Ok(self.redirect(host_str, req.uri()));
         }
         let (route, backend) = target.choose(req.headers());
-        out.route = Some(route.clone());
-        out.upstream = Some(backend.name.clone());
-        let backend = backend.clone();
+        out.canary = Some(!std::ptr::eq(route, &target.route));
 
         if let Some(len) = content_length(req.headers())
             && len > self.cfg.max_body_bytes
@@ -396,7 +425,7 @@ impl Proxy {
         let mut last_error = None;
         loop {
             let now = now_ms();
-            let Some(endpoint) = backend.pick(&tried, now).cloned() else {
+            let Some(endpoint) = backend.pick(&tried, now) else {
                 return Err(last_error.unwrap_or_else(|| {
                     ProxyError::new(
                         ErrorKind::NoEndpoints,
@@ -434,37 +463,37 @@ impl Proxy {
             };
 
             let inflight = InFlight::new(endpoint.clone());
-            let e =
-                match tokio::time::timeout(timeout, self.exchange(&backend, &endpoint, up)).await {
-                    Ok(Ok((mut resp, conn))) => {
-                        endpoint.succeeded();
-                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-                            && let Some(down) = on_upgrade
-                        {
-                            let up = hyper::upgrade::on(&mut resp);
-                            tokio::spawn(tunnel(down, up, inflight));
-                            return Ok(resp.map(|_| RespBody::Local(None)));
-                        }
-                        strip_hop_by_hop(resp.headers_mut());
-                        return Ok(resp.map(|body| {
-                            RespBody::Upstream(UpstreamBody {
-                                body,
-                                _inflight: inflight,
-                                conn,
-                            })
-                        }));
+            let e = match tokio::time::timeout(timeout, self.exchange(backend, endpoint, up)).await
+            {
+                Ok(Ok((mut resp, conn))) => {
+                    endpoint.succeeded();
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(down) = on_upgrade
+                    {
+                        let up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(tunnel(down, up, inflight));
+                        return Ok(resp.map(|_| RespBody::Local(None)));
                     }
-                    Ok(Err(e)) => e,
-                    Err(_) => {
-                        return Err(ProxyError::new(
-                            ErrorKind::UpstreamTimeout,
-                            format!(
-                                "endpoint {} sent no response within {timeout:?}",
-                                endpoint.addr
-                            ),
-                        ));
-                    }
-                };
+                    strip_hop_by_hop(resp.headers_mut());
+                    return Ok(resp.map(|body| {
+                        RespBody::Upstream(UpstreamBody {
+                            body,
+                            _inflight: inflight,
+                            conn,
+                        })
+                    }));
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    return Err(ProxyError::new(
+                        ErrorKind::UpstreamTimeout,
+                        format!(
+                            "endpoint {} sent no response within {timeout:?}",
+                            endpoint.addr
+                        ),
+                    ));
+                }
+            };
             if chain_has::<LengthLimitError>(&*e.source) {
                 return Err(ProxyError::new(
                     ErrorKind::BodyTooLarge,
