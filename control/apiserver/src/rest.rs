@@ -986,7 +986,12 @@ async fn scale_update(
                 crate::admit::apply_patch(t.res, &current, ctype, patch)?
             }
         };
-        let pinned = meta::client_rv(&scale)?;
+        // A patch starts from the current Scale, so its resourceVersion pins the object only
+        // when the patch itself set another one; otherwise a conflict is retried.
+        let pinned = match &change {
+            ScaleChange::Replace(_) => meta::client_rv(&scale)?,
+            ScaleChange::Patch(..) => meta::client_rv(&scale)?.filter(|rv| *rv != kv.mod_revision),
+        };
         // Scale's `replicas` is `omitempty` in Go, so a client scaling to zero sends no field.
         let replicas = match &scale["spec"]["replicas"] {
             Value::Null => 0,
