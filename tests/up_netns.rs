@@ -1,12 +1,12 @@
 //! End to end: `weir up` with every role, inside a network namespace this test creates (no
 //! route out of it), then `examples/hello.yaml` through the real kubectl. Checks what a user
-//! would: pods Running with their own IPs; from inside a pod, the ClusterIP answers from
-//! several pods through the BPF socket load balancer, cluster DNS answers A/SRV/PTR at
-//! 10.96.0.10, and `getent hosts hello` resolves through the pod's search path; the ingress
-//! routes `Host: hello.example.com` to the pods, and HTTPS with a TLS Secret chosen by SNI;
-//! a NodePort answers a client namespace outside the node with its source address kept; no
-//! iptables nat rules exist; `kubectl logs` reaches the agent; deleting the Service turns its
-//! name into NXDOMAIN.
+//! would: pods Running with their own IPs, each answering on it from inside a pod; from
+//! inside a pod, the ClusterIP answers from several pods through the BPF socket load
+//! balancer, cluster DNS answers A/SRV/PTR at 10.96.0.10, and `getent hosts hello` resolves
+//! through the pod's search path; the ingress routes `Host: hello.example.com` to the pods,
+//! and HTTPS with a TLS Secret chosen by SNI; a NodePort answers a client namespace outside
+//! the node with its source address kept; no iptables nat rules exist; `kubectl logs`
+//! reaches the agent; deleting the Service turns its name into NXDOMAIN.
 //!
 //! Needs root, bpffs, cgroup2 and kubectl, curl and dig (installed by `dev.sh`). Every
 //! namespace, cgroup, pin and process it makes is removed on drop, even on failure.
@@ -348,6 +348,19 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
             .success()
         },
     );
+
+    // From inside one pod, every pod answers on its own pod IP.
+    for ip in &ips {
+        let out = node.in_pod(
+            &pod_netns,
+            &["curl", "-s", "-m", "2", &format!("http://{ip}:8080/")],
+        );
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            body.starts_with("pod=hello-"),
+            "pod IP {ip}: {body:?} {out:?}"
+        );
+    }
 
     // ClusterIP from inside a pod: answered by more than one pod.
     let mut answered_by = BTreeSet::new();
