@@ -274,7 +274,7 @@ async fn bench(cli: Cli) -> Result<()> {
     writeln!(md, "## Ingress proxy: weir vs nginx vs haproxy\n")?;
     writeln!(
         md,
-        "Produced by `cargo run --release -p weir-bench --bin ingress_bench` ({} s per run after a 2 s warm-up). \
+        "Produced by `cargo run --release -p weir-bench --bin ingress_bench` ({} s per run after a 1 s warm-up). \
          Same run, loopback, 2 cores shared by load generator, proxy and backend; every proxy forwards to the same \
          `weir echo` backend over keep-alive HTTP/1.1 and sets X-Forwarded-For/-Proto.\n",
         cli.duration,
