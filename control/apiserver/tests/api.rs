@@ -858,9 +858,13 @@ async fn compacted_watch_gets_410_and_client_certs_authenticate() {
         .create(&PostParams::default(), &cm("a"))
         .await
         .expect("create");
-    cms.create(&PostParams::default(), &cm("b"))
-        .await
-        .expect("create");
+    // Two writes after `a`: a watch from `a` starts at the next revision, and compacting at
+    // the current one must remove that revision too, or the watch would rightly succeed.
+    for name in ["b", "c"] {
+        cms.create(&PostParams::default(), &cm(name))
+            .await
+            .expect("create");
+    }
     let old_rv = first.metadata.resource_version.expect("rv");
     store
         .compact(store.current_revision().await.expect("rev"))
