@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
-use aya::{EbpfLoader, util::nr_cpus};
+use aya::{Ebpf, EbpfLoader, util::nr_cpus};
 use weir_lb_common::{
     Backend, BackendKey, Counters, MAGLEV_MAX, MaglevTable, ServiceKey, ServiceValue,
 };
@@ -21,7 +21,7 @@ use weir_lb_common::{
 use crate::Error;
 use crate::plan::{MapState, Plan};
 
-pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-lb"));
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/weir-lb"));
 
 /// The socket hooks, by program (function) name.
 pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
@@ -44,19 +44,10 @@ pub struct LbMaps {
 /// Loads the programs, attaches them to `cgroup` (a cgroup v2 directory of weir's own, never
 /// the root) and returns the maps. `bpf_root` holds `maps/` and `links/`.
 pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> {
-    let maps_dir = prepare_bpf_root(bpf_root)?;
     let links_dir = bpf_root.join("links");
     let cg = File::open(cgroup)
         .map_err(|e| Error::io(format!("open cgroup {}", cgroup.display()), e))?;
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&maps_dir)
-        .load(OBJECT)
-        .map_err(|e| {
-            Error::Bpf(format!(
-                "load BPF object (maps pinned in {}): {e}",
-                maps_dir.display()
-            ))
-        })?;
+    let (mut ebpf, maps_dir) = load_object(bpf_root)?;
     for name in PROGRAMS {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -101,8 +92,24 @@ pub fn load_and_attach(bpf_root: &Path, cgroup: &Path) -> Result<LbMaps, Error> 
     )
 }
 
+/// Loads weir's BPF object with its maps pinned under `bpf_root/maps` (reused when already
+/// pinned); returns the object and that directory. Programs are not loaded yet.
+pub(crate) fn load_object(bpf_root: &Path) -> Result<(Ebpf, PathBuf), Error> {
+    let maps_dir = prepare_bpf_root(bpf_root)?;
+    let ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&maps_dir)
+        .load(OBJECT)
+        .map_err(|e| {
+            Error::Bpf(format!(
+                "load BPF object (maps pinned in {}): {e}",
+                maps_dir.display()
+            ))
+        })?;
+    Ok((ebpf, maps_dir))
+}
+
 /// Makes sure `bpf_root` is on a bpffs and has its `maps/` and `links/`; returns `maps/`.
-pub(crate) fn prepare_bpf_root(bpf_root: &Path) -> Result<PathBuf, Error> {
+fn prepare_bpf_root(bpf_root: &Path) -> Result<PathBuf, Error> {
     ensure_bpffs(bpf_root)?;
     let maps_dir = bpf_root.join("maps");
     for d in [maps_dir.clone(), bpf_root.join("links")] {

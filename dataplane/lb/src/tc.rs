@@ -17,12 +17,12 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
+use aya::Ebpf;
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::{SchedClassifier, TcAttachType, tc::TcAttachOptions};
-use aya::{Ebpf, EbpfLoader};
 
 use crate::Error;
-use crate::maps::{OBJECT, prepare_bpf_root};
+use crate::maps::load_object;
 
 /// The tc programs, by program (function) name, and where each is attached.
 pub const PROGRAMS: [(&str, TcAttachType); 2] = [
@@ -41,16 +41,7 @@ impl TcPrograms {
     /// Loads the tc programs against the maps pinned under `bpf_root` (created if this is the
     /// first load), without attaching them anywhere.
     pub fn load(bpf_root: &Path) -> Result<Self, Error> {
-        let maps_dir = prepare_bpf_root(bpf_root)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .load(OBJECT)
-            .map_err(|e| {
-                Error::Bpf(format!(
-                    "load BPF object (maps pinned in {}): {e}",
-                    maps_dir.display()
-                ))
-            })?;
+        let (mut ebpf, _) = load_object(bpf_root)?;
         for (name, _) in PROGRAMS {
             program(&mut ebpf, name)?
                 .load()
