@@ -411,8 +411,12 @@ impl PodNetwork {
         })
     }
 
-    /// Removes the pod's namespace (which takes its veth pair with it) and frees its address.
+    /// Removes the pod's veth pair and namespace, and frees its address. The veth is
+    /// deleted first, explicitly: a deleted namespace frees its devices later, from a kernel
+    /// work queue, and not at all while a process still holds the namespace.
     pub async fn teardown_pod(&self, uid: &str) -> Result<(), Error> {
+        // Absent already when the pod's network was never built or was torn down before.
+        let _ = ip(self.node(), &["link", "del", &Self::veth_name(uid)]).await;
         let netns = Self::netns_name(uid);
         if Path::new("/run/netns").join(&netns).exists() {
             run("ip", &["netns", "del", &netns]).await?;
