@@ -5,7 +5,7 @@
 //! survives (`externalTrafficPolicy: Local`). Needs root.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
@@ -217,18 +217,40 @@ fn nodeport_and_external_ip_from_outside_the_node() -> Result<()> {
         ensure!(pods.len() == 3, "{what} reached only {pods:?}");
     }
 
-    // No endpoints: the packet is dropped at the node (and counted), so the client's connect
-    // fails within its timeout instead of reaching anything.
-    let refused = outside(&ext, move || {
-        TcpStream::connect_timeout(&(node_ip, 30099).into(), Duration::from_millis(300)).map(|_| ())
+    // No endpoints: the node answers with ICMP port unreachable, so the client's connect fails
+    // with "connection refused" (a drop would end in a timeout, a different error) and a
+    // connected UDP socket gets the same error on its next receive.
+    let (tcp, udp) = outside(&ext, move || {
+        let tcp = TcpStream::connect_timeout(&(node_ip, 30099).into(), Duration::from_secs(20));
+        let udp = (|| -> std::io::Result<usize> {
+            let u = UdpSocket::bind("0.0.0.0:0")?;
+            u.connect((node_ip, 30098))?;
+            u.set_read_timeout(Some(Duration::from_secs(20)))?;
+            u.send(b"hi")?;
+            u.recv(&mut [0u8; 64])
+        })();
+        (tcp.map(|_| ()), udp.map(|_| ()))
     })?;
-    ensure!(refused.is_err(), "connect to an empty NodePort succeeded");
+    let kind = |r: &std::io::Result<_>| r.as_ref().err().map(std::io::Error::kind);
+    ensure!(
+        kind(&tcp) == Some(ErrorKind::ConnectionRefused),
+        "TCP connect to an empty NodePort: {tcp:?}"
+    );
+    ensure!(
+        kind(&udp) == Some(ErrorKind::ConnectionRefused),
+        "UDP to an empty NodePort: {udp:?}"
+    );
     let rows = syncer.maps().list()?;
     let empty = rows
         .iter()
         .find(|r| r.frontend == std::net::SocketAddrV4::new(node_ip, 30099))
         .context("empty NodePort listed")?;
     ensure!(empty.counters.refused >= 1, "{:?}", empty.counters);
+    let empty_udp = rows
+        .iter()
+        .find(|r| r.frontend == std::net::SocketAddrV4::new(node_ip, 30098))
+        .context("empty UDP NodePort listed")?;
+    ensure!(empty_udp.counters.refused >= 1, "{:?}", empty_udp.counters);
 
     // Restart during a long-lived connection: new links replace the old ones (one program per
     // direction), the pinned CT map keeps the flow on its backend.

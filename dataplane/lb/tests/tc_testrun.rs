@@ -6,14 +6,17 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
-use etherparse::PacketBuilder;
+use etherparse::{
+    Icmpv4Type, IpDscp, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
+    icmpv4::DestUnreachableHeader,
+};
 use serde_json::json;
 use weir_lb::netlab::TestBpfRoot;
 use weir_lb::tc::TcPrograms;
 use weir_lb::{LbMaps, MaglevConfig, ModelConfig, Syncer, model, testrun};
 
 const OK: i32 = 0; // TC_ACT_OK
-const SHOT: i32 = 2; // TC_ACT_SHOT
+const REDIRECT: i32 = 7; // TC_ACT_REDIRECT
 
 const NODE: [u8; 4] = [192, 168, 77, 2];
 const CLIENT: [u8; 4] = [198, 51, 100, 7];
@@ -46,6 +49,24 @@ fn packet(src: ([u8; 4], u16), dst: ([u8; 4], u16), l4: L4) -> Vec<u8> {
         L4::Udp => ip.udp(src.1, dst.1).write(&mut out, payload),
     };
     res.expect("build test packet");
+    out
+}
+
+/// The ICMP "port unreachable" the node sends back for `original`, a frame the client sent to
+/// `frontend`: as Linux's icmp_send builds it (TOS precedence "internet control", no DF),
+/// quoting the original IP header and 8 bytes of L4.
+fn port_unreachable(original: &[u8], frontend: [u8; 4]) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::ICMP, frontend, CLIENT).expect("IPv4 header");
+    ip.dont_fragment = false;
+    ip.dscp = IpDscp::try_new(0xc0 >> 2).expect("DSCP");
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(MAC_B, MAC_A)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Port,
+        ))
+        .write(&mut out, &original[14..14 + 28])
+        .expect("build ICMP packet");
     out
 }
 
@@ -94,10 +115,18 @@ fn services() -> (
         "ports": [{"name": "http", "port": 8080}],
         "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "n2"}]
     });
+    // No EndpointSlice at all.
+    let empty = json!({
+        "metadata": {"name": "empty", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.30",
+                 "ports": [{"name": "http", "port": 80, "nodePort": 30070},
+                           {"name": "dns", "port": 53, "nodePort": 30071, "protocol": "UDP"}]}
+    });
     (
         vec![
             serde_json::from_value(web).expect("svc"),
             serde_json::from_value(local).expect("svc"),
+            serde_json::from_value(empty).expect("svc"),
         ],
         vec![
             serde_json::from_value(web_eps).expect("eps"),
@@ -137,6 +166,9 @@ fn tc_programs_translate_nodeport_and_external_ip_flows_and_pass_everything_else
     fragment[14 + 6] = 0x20; // More Fragments
     let mut ipv6 = syn.clone();
     ipv6[12..14].copy_from_slice(&[0x86, 0xdd]);
+    let empty_syn = packet((CLIENT, 40004), (NODE, 30070), L4::Syn);
+    let empty_udp = packet((CLIENT, 5002), (NODE, 30071), L4::Udp);
+    let local_syn = packet((CLIENT, 40002), (NODE, 30090), L4::Syn);
     let udp_zero = without_udp_checksum(packet((CLIENT, 5001), (NODE, 30053), L4::Udp));
 
     let cases = vec![
@@ -194,11 +226,25 @@ fn tc_programs_translate_nodeport_and_external_ip_flows_and_pass_everything_else
             output: Some(packet((CLIENT, 40001), backend, L4::Syn)),
         },
         Case {
-            name: "Local policy with no endpoint on this node drops",
+            name: "TCP SYN to a NodePort without endpoints is answered with port unreachable",
             prog: "tc_ingress",
-            input: packet((CLIENT, 40002), (NODE, 30090), L4::Syn),
-            verdict: SHOT,
-            output: None,
+            output: Some(port_unreachable(&empty_syn, NODE)),
+            input: empty_syn,
+            verdict: REDIRECT,
+        },
+        Case {
+            name: "UDP to a NodePort without endpoints is answered with port unreachable",
+            prog: "tc_ingress",
+            output: Some(port_unreachable(&empty_udp, NODE)),
+            input: empty_udp,
+            verdict: REDIRECT,
+        },
+        Case {
+            name: "Local policy with no endpoint on this node is answered with port unreachable",
+            prog: "tc_ingress",
+            output: Some(port_unreachable(&local_syn, NODE)),
+            input: local_syn,
+            verdict: REDIRECT,
         },
         Case {
             name: "a port that is no frontend passes untouched",
@@ -255,7 +301,7 @@ fn tc_programs_translate_nodeport_and_external_ip_flows_and_pass_everything_else
         let (verdict, out) = testrun::run(progs.fd(c.prog)?, &c.input)
             .with_context(|| format!("{}: BPF_PROG_TEST_RUN", c.name))?;
         let want = c.output.unwrap_or_else(|| c.input.clone());
-        if verdict != c.verdict || (verdict == OK && out != want) {
+        if verdict != c.verdict || out != want {
             failures.push(format!(
                 "{}: verdict {verdict} (want {}), packet\n  got  {out:02x?}\n  want {want:02x?}",
                 c.name, c.verdict
@@ -264,7 +310,7 @@ fn tc_programs_translate_nodeport_and_external_ip_flows_and_pass_everything_else
     }
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
 
-    // Counters: a new flow counts once (the ACK was no new flow); the drop counts as refused.
+    // Counters: a new flow counts once (the ACK was no new flow); a reject counts as refused.
     let rows = syncer.maps().list()?;
     let row = |addr: Ipv4Addr, port: u16| {
         rows.iter()
@@ -276,5 +322,7 @@ fn tc_programs_translate_nodeport_and_external_ip_flows_and_pass_everything_else
     ensure!(row(NODE.into(), 30053)?.connections == 2);
     ensure!(row(EXTERNAL_IP.into(), 80)?.connections == 1);
     ensure!(row(NODE.into(), 30090)?.refused == 1);
+    ensure!(row(NODE.into(), 30070)?.refused == 1);
+    ensure!(row(NODE.into(), 30071)?.refused == 1);
     Ok(())
 }

@@ -153,8 +153,8 @@ pub struct Counters {
     pub connections: u64,
     /// Unconnected UDP datagrams sent to a backend.
     pub packets: u64,
-    /// Connects and datagrams refused (and packets from outside dropped) because the Service
-    /// had no usable endpoint.
+    /// Connects and datagrams refused because the Service had no usable endpoint (packets
+    /// from outside the node are answered with an ICMP "port unreachable").
     pub refused: u64,
 }
 

@@ -10,6 +10,9 @@
 //!   an external interface, so its egress sees all of them, whatever pod veth or bridge they
 //!   crossed on the way; the pod side needs no program.
 //!
+//! A frontend with no usable endpoint answers with an ICMP "port unreachable" sent back out
+//! of the interface the packet came in on (`reject`), so the client fails at once.
+//!
 //! No SNAT: the client's address reaches the backend (what `externalTrafficPolicy: Local`
 //! promises), which is correct for backends on this node — their replies come back through
 //! this node's routing.
@@ -20,6 +23,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     cty::c_long,
+    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
 use weir_lb_common::{
@@ -34,6 +38,13 @@ const ETH_P_IP: u16 = 0x0800;
 const IP_CSUM: usize = ETH_HLEN + 10;
 const IP_SADDR: usize = ETH_HLEN + 12;
 const IP_DADDR: usize = ETH_HLEN + 16;
+const IP_HLEN: usize = 20;
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+/// What an ICMP error quotes of the packet it answers: the IP header and the first 8 bytes
+/// of its payload (RFC 792), enough for the sender to find its socket by addresses and ports.
+const QUOTE_LEN: usize = IP_HLEN + 8;
 
 /// The addresses of a packet, as the maps store them (network byte order), and where its L4
 /// header starts.
@@ -135,11 +146,12 @@ pub fn ingress(ctx: &TcContext) -> i32 {
             let client = CLIENT_IP_TAG | f.saddr as u64;
             let flow = ((f.daddr as u64) << 32) | ((f.sport as u64) << 16) | f.dport as u64;
             let Some((b, slot)) = select(&svc, client, flow ^ f.proto as u64) else {
-                // No usable endpoint: drop, as kube-proxy does for traffic from outside.
+                // No usable endpoint: refuse at once, as the socket hooks do, instead of
+                // letting the client wait for its timeout.
                 if let Some(c) = counters {
                     unsafe { (*c).refused += 1 };
                 }
-                return TC_ACT_SHOT as i32;
+                return reject(ctx, &f).unwrap_or(TC_ACT_SHOT as i32);
             };
             if let Some(c) = counters {
                 unsafe { (*c).connections += 1 };
@@ -207,6 +219,95 @@ pub fn egress(ctx: &TcContext) -> i32 {
         Ok(()) => TC_ACT_OK as i32,
         Err(_) => TC_ACT_SHOT as i32,
     }
+}
+
+/// The IP header, ICMP header and quote of a "port unreachable", laid out as on the wire and
+/// 4-byte aligned for `bpf_csum_diff`.
+#[repr(C, align(4))]
+struct Unreachable {
+    ip: [u8; IP_HLEN],
+    icmp: [u8; 8],
+    quote: [u8; QUOTE_LEN],
+}
+
+/// Turns the packet into an ICMP "destination unreachable, port unreachable" back to its
+/// sender and sends it out of the interface it came in on: the sender's kernel fails a TCP
+/// connect with ECONNREFUSED and reports the error to a UDP socket, at once. Cilium's
+/// `service-no-backend-response=reject` does the same. A packet with IP options is dropped
+/// instead (they are never seen on NodePort traffic in practice, and quoting them would need
+/// a variable-length quote).
+#[inline(always)]
+fn reject(ctx: &TcContext, f: &Flow) -> Result<i32, c_long> {
+    if f.l4 != ETH_HLEN + IP_HLEN {
+        return Err(0);
+    }
+    // Fixed-size loads: `load_bytes` clamps its length to the packet, which the verifier
+    // rejects as a possibly zero-sized read.
+    let macs: [u8; 12] = ctx.load(0)?;
+    let mut r = Unreachable {
+        ip: [0; IP_HLEN],
+        icmp: [ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0],
+        quote: ctx.load(ETH_HLEN)?,
+    };
+    let tot_len = ((IP_HLEN + 8 + QUOTE_LEN) as u16).to_be_bytes();
+    // TOS as Linux's icmp_send sets it: the original's TOS bits, precedence "internet control".
+    let tos = (r.quote[1] & 0x1e) | 0xc0;
+    let (saddr, daddr) = (f.daddr.to_ne_bytes(), f.saddr.to_ne_bytes());
+    r.ip = [
+        0x45,
+        tos,
+        tot_len[0],
+        tot_len[1],
+        0,
+        0,
+        0,
+        0,
+        64,
+        IPPROTO_ICMP,
+        0,
+        0,
+        saddr[0],
+        saddr[1],
+        saddr[2],
+        saddr[3],
+        daddr[0],
+        daddr[1],
+        daddr[2],
+        daddr[3],
+    ];
+    let ip_csum = csum(r.ip.as_mut_ptr(), IP_HLEN)?.to_ne_bytes();
+    r.ip[10] = ip_csum[0];
+    r.ip[11] = ip_csum[1];
+    // The ICMP checksum covers its header and the quote, which follow each other in `r`.
+    let icmp_csum = csum(r.icmp.as_mut_ptr(), 8 + QUOTE_LEN)?.to_ne_bytes();
+    r.icmp[2] = icmp_csum[0];
+    r.icmp[3] = icmp_csum[1];
+    let skb = ctx.skb.skb;
+    let ret = unsafe { bpf_skb_change_tail(skb, (ETH_HLEN + IP_HLEN + 8 + QUOTE_LEN) as u32, 0) };
+    if ret != 0 {
+        return Err(ret);
+    }
+    // Back to where it came from: the sender's MAC becomes the destination.
+    let mut eth = [0u8; 12];
+    eth[..6].copy_from_slice(&macs[6..]);
+    eth[6..].copy_from_slice(&macs[..6]);
+    ctx.store(0, &eth, 0)?;
+    ctx.store(ETH_HLEN, &r, 0)?;
+    let ifindex = unsafe { (*skb).ifindex };
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// The Internet checksum of `len` bytes (a multiple of 4) at `data`, ready to store.
+#[inline(always)]
+fn csum(data: *mut u8, len: usize) -> Result<u16, c_long> {
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, data.cast(), len as u32, 0) };
+    if sum < 0 {
+        return Err(sum);
+    }
+    let mut s = sum as u64 & 0xffff_ffff;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    Ok(!(s as u16))
 }
 
 /// Replaces one address/port pair and patches the IP and L4 checksums incrementally (the L4
