@@ -3,7 +3,9 @@
 //! nodes, gets its EndpointSlice, heals a deleted pod, rolls an update without losing ready
 //! endpoints, rolls back with `kubectl rollout undo`, a pod too big for any node says why, and
 //! deleting the Deployment and Service garbage-collects their ReplicaSets, pods and slices;
-//! a node whose heartbeat stops turns unreachable while its pods move to the other node; and
+//! a node whose heartbeat stops turns unreachable while its pods move to the other node;
+//! pods stuck terminating on a dead node go once the node is deleted (`kubectl delete node`)
+//! or tainted out of service (`kubectl taint`), and a pod bound to no real node goes too; and
 //! a rollout whose pods never turn ready exceeds its progress deadline.
 //! No node agent runs here: a "kubelet" task in the test writes pod status (Running, Ready,
 //! an IP) through the status subresource and completes deletions, as the brief prescribes.
@@ -467,16 +469,29 @@ async fn deployment_service_scheduling_healing_rollout_and_rollback() {
     .await;
 }
 
-/// Renews the node's Lease every 500 ms, as the agent's heartbeat does.
-async fn heartbeat(client: Client, node: &'static str) {
-    let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
-    loop {
-        let patch = json!({"spec": {"renewTime": k8s_openapi::jiff::Timestamp::now().to_string()}});
-        let _ = leases
-            .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
-            .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+/// Renews the node's Lease an hour into the future: however loaded the machine, however far
+/// behind the controller's watch, the node does not lapse during the test. (A heartbeat task
+/// renewing every 500 ms against a 2 s grace period made the live node lapse too under load.)
+async fn keep_alive(client: &Client, node: &str) {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+    let until =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(1);
+    let patch = json!({"spec": {"renewTime": until.to_string()}});
+    leases
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("renew lease");
+}
+
+/// Writes what a node agent reports for a started pod: Running, Ready, an IP.
+async fn set_running(pods: &Api<Pod>, name: &str, ip: &str) {
+    let status = json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": "True"}]
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -491,7 +506,7 @@ async fn a_silent_node_turns_unreachable_and_its_pods_move() {
     add_node(&c.client, "node-a").await;
     add_node(&c.client, "node-b").await;
     // node-a's agent is "killed": no heartbeat, no pod status; node-b lives on.
-    tokio::spawn(heartbeat(c.client.clone(), "node-b"));
+    keep_alive(&c.client, "node-b").await;
     tokio::spawn(kubelet(c.client.clone(), &["node-b"]));
     let rs: ReplicaSet = serde_json::from_value(json!({
         "metadata": {"name": "web"},
@@ -524,7 +539,7 @@ async fn a_silent_node_turns_unreachable_and_its_pods_move() {
     // unreachable, its pods are evicted and the ReplicaSet's replacements go to node-b.
     wait_for(
         "both replicas on node-b",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         on_node("node-b"),
     )
     .await;
@@ -599,4 +614,104 @@ async fn a_rollout_that_makes_no_progress_exceeds_its_deadline() {
         !out.status.success() && stderr.contains("exceeded its progress deadline"),
         "rollout status: {stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_a_dead_node_go_when_it_is_deleted_or_out_of_service() {
+    // The grace period is also PodGC's quarantine for a deleted node.
+    let config = crate::Config {
+        node_lifecycle: crate::nodelifecycle::Config {
+            grace_period: Duration::from_secs(2),
+            default_toleration: Duration::from_secs(2),
+        },
+    };
+    let c = start(config).await;
+    // Both nodes' agents are dead: no heartbeat, no pod status, no finished deletions.
+    add_node(&c.client, "node-a").await;
+    add_node(&c.client, "node-b").await;
+    let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}
+    }))
+    .expect("svc");
+    services
+        .create(&PostParams::default(), &svc)
+        .await
+        .expect("create service");
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    for (name, node, app) in [
+        ("web-a", "node-a", "web"),
+        ("web-b", "node-b", "web"),
+        // Bound to a node that never existed.
+        ("stray", "ghost", "stray"),
+    ] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": app}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "weir/echo"}]}
+        }))
+        .expect("pod");
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("create pod");
+    }
+    set_running(&pods, "web-a", "10.244.1.2").await;
+    set_running(&pods, "web-b", "10.244.2.2").await;
+
+    let client = c.client.clone();
+    let gone = |name: &'static str| {
+        let pods = pods.clone();
+        move || {
+            let pods = pods.clone();
+            async move { matches!(pods.get_opt(name).await, Ok(None)).then_some(()) }
+        }
+    };
+    wait_for(
+        "the stray pod collected",
+        Duration::from_secs(60),
+        gone("stray"),
+    )
+    .await;
+    // Both nodes turn unreachable and evict their pods, which no agent finishes: they stay
+    // in the slice as terminating.
+    wait_for("2 terminating endpoints", Duration::from_secs(60), || {
+        let client = client.clone();
+        async move { (endpoint_counts(&client).await == (0, 2)).then_some(()) }
+    })
+    .await;
+
+    let out = kubectl(&c.kubeconfig, &["delete", "node", "node-a"]);
+    assert!(
+        out.status.success(),
+        "delete node: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("web-a collected", Duration::from_secs(60), gone("web-a")).await;
+    let b = pods.get("web-b").await.expect("web-b is still there");
+    assert!(
+        b.metadata.deletion_timestamp.is_some(),
+        "web-b is terminating"
+    );
+
+    // Non-graceful node shutdown: the operator declares node-b out of service.
+    let out = kubectl(
+        &c.kubeconfig,
+        &[
+            "taint",
+            "nodes",
+            "node-b",
+            "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "taint node: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("web-b collected", Duration::from_secs(60), gone("web-b")).await;
+    wait_for("an empty slice", Duration::from_secs(60), || {
+        let client = client.clone();
+        async move { (endpoint_counts(&client).await == (0, 0)).then_some(()) }
+    })
+    .await;
 }
