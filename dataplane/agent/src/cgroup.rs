@@ -344,20 +344,23 @@ impl PodCgroup {
             .unwrap_or(false)
     }
 
-    /// SIGKILLs every process of the container and waits (briefly) until they are gone.
+    /// SIGKILLs every process of the container and waits until they are gone. The wait is
+    /// generous: a killed process leaves the group only when its exit completes, which on
+    /// a loaded node (or one blocked on slow I/O) takes well over a second.
     pub async fn kill_container(&self, name: &str) -> Result<(), Error> {
         let leaf = self.container(name);
         if !leaf.exists() {
             return Ok(());
         }
         write(&leaf.join("cgroup.kill"), "1")?;
-        for _ in 0..100 {
-            if !self.populated(name) {
-                return Ok(());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.populated(name) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Busy { path: leaf });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(Error::Busy { path: leaf })
+        Ok(())
     }
 
     /// Kills whatever is left in the pod and removes its groups.

@@ -186,12 +186,8 @@ fn shim(child: libc::pid_t, exit_fd: libc::c_int) -> ! {
     // SAFETY: plain syscalls on values owned by this (single-threaded) forked process.
     unsafe {
         CHILD.store(child, Ordering::Relaxed);
-        // Drop every inherited descriptor (std's exec-status pipe among them, so the agent's
-        // spawn returns as soon as the command has exec'd) except the exit file.
-        if exit_fd > 3 {
-            libc::syscall(libc::SYS_close_range, 3, exit_fd - 1, 0);
-        }
-        libc::syscall(libc::SYS_close_range, exit_fd + 1, u32::MAX, 0);
+        // Handlers first: the agent may signal the shim as soon as `spawn` returns, and
+        // before this point a SIGTERM would end the shim instead of reaching the command.
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = forward_signal as *const () as usize;
         for sig in [
@@ -205,6 +201,12 @@ fn shim(child: libc::pid_t, exit_fd: libc::c_int) -> ! {
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        // Drop every inherited descriptor (std's exec-status pipe among them, so the agent's
+        // spawn returns as soon as the command has exec'd) except the exit file.
+        if exit_fd > 3 {
+            libc::syscall(libc::SYS_close_range, 3, exit_fd - 1, 0);
+        }
+        libc::syscall(libc::SYS_close_range, exit_fd + 1, u32::MAX, 0);
         let mut status = 0;
         loop {
             let r = libc::waitpid(child, &mut status, 0);

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cgroup::Cgroups;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -72,18 +72,23 @@ fn remove_tree(dir: &Path) {
             }
         }
     }
-    for _ in 0..50 {
-        if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
         let dirs = self.cgroups.dirs();
+        // Killed processes leave the group only once the kernel has finished their exit,
+        // which on a loaded machine can take a while: a group still populated cannot be
+        // removed, so wait for `populated 0` (generously) before removing the tree.
         let _ = std::fs::write(dirs[0].join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline
+            && std::fs::read_to_string(dirs[0].join("cgroup.events"))
+                .is_ok_and(|events| events.lines().any(|l| l == "populated 1"))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         for dir in &dirs {
             remove_tree(dir);
             if let Some(parent) = dir.parent() {

@@ -1,3 +1,7 @@
+use std::io::Write;
+
+use http_body_util::BodyExt;
+
 use super::*;
 
 #[test]
@@ -76,27 +80,49 @@ async fn serves_current_previous_tail_and_follow() {
     assert_eq!(get(addr, "/containerLogs/ns/web/nope").await.0, 400);
 
     // Follow: output written later arrives; the stream ends when the run's exit is recorded.
-    let follow = tokio::spawn(get(
-        addr,
-        "/containerLogs/ns/web/app?follow=true&tailLines=0",
-    ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(pod.join("app/1.log"))
+    // Each step waits for the stream to show the previous one, so the test never depends
+    // on when the server opens the file relative to the writes.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/containerLogs/ns/web/app?follow=true&tailLines=1")
+        .header("host", "agent")
+        .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
-    use std::io::Write;
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.into_body();
+    let mut seen = String::new();
+    let mut read_until = async |want: &str| {
+        while !seen.ends_with(want) {
+            let frame = tokio::time::timeout(Duration::from_secs(30), body.frame())
+                .await
+                .unwrap_or_else(|_| panic!("{want:?} never arrived; got {seen:?}"));
+            match frame {
+                Some(frame) => {
+                    if let Ok(data) = frame.unwrap().into_data() {
+                        seen.push_str(&String::from_utf8_lossy(&data));
+                    }
+                }
+                None => return false,
+            }
+        }
+        true
+    };
+    assert!(read_until("three\n").await, "the last line first");
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(pod.join("app/1.log"))
         .unwrap();
     f.write_all(b"four\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(read_until("three\nfour\n").await, "the new line follows");
     std::fs::write(pod.join("app/1.exit"), "exit 0\n").unwrap();
-    let (code, body) = tokio::time::timeout(Duration::from_secs(5), follow)
+    let end = tokio::time::timeout(Duration::from_secs(30), body.frame())
         .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((code, body.as_str()), (200, "four\n"));
+        .expect("the stream ends once the exit is recorded");
+    assert!(end.is_none(), "nothing after the exit: {end:?}");
     shutdown.cancel();
 }

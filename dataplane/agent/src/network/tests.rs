@@ -142,7 +142,7 @@ async fn reaches(from: &PodNet, to: &PodNet) -> bool {
     })
     .unwrap();
     let addr = listener.local_addr().unwrap();
-    connect_in(&from.netns_path(), addr, std::time::Duration::from_secs(2))
+    connect_in(&from.netns_path(), addr, std::time::Duration::from_secs(10))
         .await
         .is_ok()
 }

@@ -88,10 +88,13 @@ async fn sigterm_is_forwarded_and_signals_are_reported() {
         "trap 'exit 7' TERM; echo ready; while :; do sleep 0.05; done",
     ]);
     let process = spawn(&spec).unwrap();
-    for _ in 0..100 {
-        if fx.log().contains("ready") {
-            break;
-        }
+    // Until the trap is set, PID 1 of the namespace ignores SIGTERM and would never exit.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !fx.log().contains("ready") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the script never got ready"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     process.signal(nix::sys::signal::Signal::SIGTERM);
