@@ -162,25 +162,37 @@ pub async fn run(
     if let Some(addr) = args.metrics {
         serve_metrics(addr, dns.server.metrics.clone(), shutdown.clone()).await?;
     }
-    let watch = tokio::spawn(watch::run(
-        client,
-        dns.zone,
-        shutdown.clone(),
-        CancellationToken::new(),
-    ));
-    dns.server.serve(dns.bound, shutdown).await;
-    let _ = watch.await;
+    dns.serve_from(client, shutdown).await;
     Ok(())
 }
 
-/// Serve `/metrics` in the Prometheus text format on `addr` until `shutdown`.
+impl Dns {
+    /// Answers on the bound sockets, with the zone fed from the API server behind `client`,
+    /// until `shutdown`. Callers that bound port 0 learn the address from `bound` first.
+    pub async fn serve_from(self, client: kube::Client, shutdown: CancellationToken) {
+        let watch = tokio::spawn(watch::run(
+            client,
+            self.zone,
+            shutdown.clone(),
+            CancellationToken::new(),
+        ));
+        self.server.serve(self.bound, shutdown).await;
+        let _ = watch.await;
+    }
+}
+
+/// Serve `/metrics` in the Prometheus text format on `addr` until `shutdown`; returns the
+/// bound address (the port picked for port 0).
 pub async fn serve_metrics(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> Result<(), DnsError> {
+) -> Result<SocketAddr, DnsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
+        .map_err(|source| DnsError::Metrics { addr, source })?;
+    let bound = listener
+        .local_addr()
         .map_err(|source| DnsError::Metrics { addr, source })?;
     let registry = Arc::new(metrics.registry());
     let app = axum::Router::new().route(
@@ -211,7 +223,7 @@ pub async fn serve_metrics(
             tracing::warn!(error = %e, "DNS metrics server stopped");
         }
     });
-    Ok(())
+    Ok(bound)
 }
 
 /// What weir takes from a resolv.conf: `nameserver` and `search` lines.

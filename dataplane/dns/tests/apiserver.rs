@@ -1,12 +1,12 @@
 //! weir DNS fed by the real weir API server: `weir server` (the binary from the target dir,
-//! temp data dir, free port, the kubeconfig it writes) stores Services and an EndpointSlice
+//! temp data dir, a port it picks itself, the kubeconfig it writes) stores Services and an EndpointSlice
 //! created through kube-rs; the DNS server's watches pick them up, and a change or delete
 //! made through the API reaches the answers without a restart.
 //!
 //! Needs the `weir` binary: `cargo build -p weir` (or set WEIR_BIN).
 #![allow(clippy::unwrap_used)]
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,12 +37,6 @@ fn weir_bin() -> PathBuf {
         })
 }
 
-fn free_addr() -> SocketAddr {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-}
-
 fn service(name: &str, cluster_ip: Option<&str>) -> Service {
     Service {
         metadata: ObjectMeta {
@@ -62,7 +56,7 @@ fn service(name: &str, cluster_ip: Option<&str>) -> Service {
     }
 }
 
-/// Ask `name`/`rtype` until `done` accepts the answer, or fail after 15 s with the last one.
+/// Ask `name`/`rtype` until `done` accepts the answer, or fail after 60 s with the last one.
 async fn eventually(
     dns: SocketAddr,
     name: &str,
@@ -70,7 +64,7 @@ async fn eventually(
     done: impl Fn(&Message) -> bool,
 ) -> Message {
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
     let mut buf = vec![0u8; 65535];
     while Instant::now() < deadline {
@@ -113,32 +107,31 @@ async fn changes_through_the_api_server_reach_dns_answers() {
         bin.display()
     );
     let data = tempfile::tempdir().expect("tempdir");
-    let api_addr = free_addr();
+    // Port 0: the server binds a free port and writes it into its kubeconfig, which it
+    // does only once it listens. A port found free here could be taken before it binds.
     let _server = Kill(
         Command::new(&bin)
             .arg("server")
             .arg("--data-dir")
             .arg(data.path())
             .arg("--listen")
-            .arg(api_addr.to_string())
+            .arg("127.0.0.1:0")
             .stdout(Stdio::null())
             .spawn()
             .expect("start weir server"),
     );
     let kubeconfig = data.path().join("kubeconfig");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(kubeconfig.exists() && std::net::TcpStream::connect(api_addr).is_ok()) {
-        assert!(
-            Instant::now() < deadline,
-            "weir server did not come up on {api_addr}"
-        );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        // Read until it parses: the file may be caught half-written.
+        if let Ok(kc) = kube::config::Kubeconfig::read_from(&kubeconfig)
+            && let Ok(config) = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await
+        {
+            break kube::Client::try_from(config).expect("kube client");
+        }
+        assert!(Instant::now() < deadline, "weir server did not come up");
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let kc = kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .expect("kube config");
-    let client = kube::Client::try_from(config).expect("kube client");
+    };
 
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
@@ -155,9 +148,8 @@ async fn changes_through_the_api_server_reach_dns_answers() {
         .cluster_ip
         .expect("cluster IP allocated");
 
-    let dns = free_addr();
     let args = Args {
-        listen: dns,
+        listen: "127.0.0.1:0".parse().unwrap(),
         zone: "cluster.local".into(),
         ttl: 5,
         upstreams: Vec::new(),
@@ -168,8 +160,10 @@ async fn changes_through_the_api_server_reach_dns_answers() {
         no_autopath: false,
         metrics: None,
     };
+    let built = weir_dns::build(&args).expect("DNS server binds");
+    let dns: SocketAddr = built.bound.local_addr();
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(weir_dns::run(args, client.clone(), shutdown.clone()));
+    let server = tokio::spawn(built.serve_from(client.clone(), shutdown.clone()));
 
     let m = eventually(
         dns,
@@ -231,5 +225,5 @@ async fn changes_through_the_api_server_reach_dns_answers() {
     assert!(m.answers.is_empty());
 
     shutdown.cancel();
-    server.await.unwrap().expect("DNS server ran cleanly");
+    server.await.expect("DNS server ran cleanly");
 }
