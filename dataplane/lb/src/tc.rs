@@ -18,8 +18,11 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
 use aya::Ebpf;
+use aya::maps::HashMap;
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::{SchedClassifier, TcAttachType, tc::TcAttachOptions};
+
+use weir_lb_common::ip_to_map;
 
 use crate::Error;
 use crate::maps::load_object;
@@ -31,6 +34,7 @@ pub const PROGRAMS: [(&str, TcAttachType); 2] = [
 ];
 
 const PIN_PREFIX: &str = "tcx-";
+const SNAT_ADDRS: &str = "WEIR_SNAT_ADDRS";
 
 /// The loaded tc programs, sharing the maps pinned under a bpf root.
 pub struct TcPrograms {
@@ -66,7 +70,8 @@ impl TcPrograms {
 
     /// Attaches both programs to every device in `devices` (interface names in the calling
     /// thread's network namespace), pins the links under `<bpf_root>/links/tcx-<dir>-<device>`,
-    /// and detaches weir's tc links from devices that are no longer listed.
+    /// records the devices' addresses for source NAT, and detaches weir's tc links from
+    /// devices that are no longer listed.
     pub fn attach(&mut self, bpf_root: &Path, devices: &[String]) -> Result<(), Error> {
         let links_dir = bpf_root.join("links");
         let mut keep = BTreeSet::new();
@@ -97,6 +102,7 @@ impl TcPrograms {
                     .map_err(|e| Error::Bpf(format!("pin link {}: {e}", pin.display())))?;
             }
         }
+        self.set_snat_addrs(devices)?;
         let entries = std::fs::read_dir(&links_dir)
             .map_err(|e| Error::io(format!("read {}", links_dir.display()), e))?;
         for entry in entries.flatten() {
@@ -110,6 +116,55 @@ impl TcPrograms {
                         .map_err(|e| Error::io(format!("unpin {}", path.display()), e))?,
                 );
             }
+        }
+        Ok(())
+    }
+}
+
+impl TcPrograms {
+    /// Records each device's IPv4 address (the first one) under its interface index in
+    /// `WEIR_SNAT_ADDRS`, the source address of flows masqueraded on their way out of that
+    /// device, and forgets devices no longer listed. A device without an IPv4 address gets
+    /// no entry: flows to other nodes leave it untranslated.
+    fn set_snat_addrs(&mut self, devices: &[String]) -> Result<(), Error> {
+        let addrs = interface_addrs()?;
+        let mut want = std::collections::BTreeMap::new();
+        for dev in devices {
+            let Some((_, ip)) = addrs.iter().find(|(d, _)| d == dev) else {
+                continue;
+            };
+            let name = std::ffi::CString::new(dev.as_str()).map_err(|_| Error::Config {
+                field: "devices",
+                reason: format!("{dev:?} contains a NUL byte"),
+            })?;
+            // SAFETY: a valid C string for the duration of the call.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ifindex == 0 {
+                return Err(Error::io(
+                    format!("interface index of {dev}"),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            want.insert(ifindex, ip_to_map(ip.octets()));
+        }
+        let map = self
+            .ebpf
+            .map_mut(SNAT_ADDRS)
+            .ok_or_else(|| Error::Bpf(format!("map {SNAT_ADDRS} missing from the object")))?;
+        let mut map: HashMap<_, u32, u32> =
+            HashMap::try_from(map).map_err(|e| Error::Bpf(format!("map {SNAT_ADDRS}: {e}")))?;
+        let stale: Vec<u32> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains_key(k))
+            .collect();
+        for k in stale {
+            map.remove(&k)
+                .map_err(|e| Error::Bpf(format!("{SNAT_ADDRS}: remove {k}: {e}")))?;
+        }
+        for (k, v) in want {
+            map.insert(k, v, 0)
+                .map_err(|e| Error::Bpf(format!("{SNAT_ADDRS}: set {k}: {e}")))?;
         }
         Ok(())
     }

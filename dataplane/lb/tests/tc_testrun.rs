@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result, ensure};
+use aya::maps::{HashMap, Map, MapData};
 use etherparse::{
     Icmpv4Type, IpDscp, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
     icmpv4::DestUnreachableHeader,
@@ -14,6 +15,7 @@ use serde_json::json;
 use weir_lb::netlab::TestBpfRoot;
 use weir_lb::tc::TcPrograms;
 use weir_lb::{LbMaps, MaglevConfig, ModelConfig, Syncer, model, testrun};
+use weir_lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN, ip_to_map};
 
 const OK: i32 = 0; // TC_ACT_OK
 const REDIRECT: i32 = 7; // TC_ACT_REDIRECT
@@ -22,6 +24,11 @@ const NODE: [u8; 4] = [192, 168, 77, 2];
 const CLIENT: [u8; 4] = [198, 51, 100, 7];
 const EXTERNAL_IP: [u8; 4] = [203, 0, 113, 10];
 const BACKEND: [u8; 4] = [10, 244, 0, 11];
+/// A backend on another node, and the address of the device that leads there.
+const REMOTE: [u8; 4] = [10, 244, 1, 5];
+const DEVICE_ADDR: [u8; 4] = [192, 168, 78, 1];
+/// `BPF_PROG_TEST_RUN` runs tc programs on the loopback device, index 1 in every namespace.
+const TEST_RUN_IFINDEX: u32 = 1;
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
@@ -115,6 +122,18 @@ fn services() -> (
         "ports": [{"name": "http", "port": 8080}],
         "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "n2"}]
     });
+    // Cluster policy, the only endpoint on another node.
+    let remote = json!({
+        "metadata": {"name": "remote", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.40",
+                 "ports": [{"name": "http", "port": 80, "nodePort": 30060}]}
+    });
+    let remote_eps = json!({
+        "metadata": {"name": "remote-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "remote"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080}],
+        "endpoints": [{"addresses": ["10.244.1.5"], "nodeName": "n2"}]
+    });
     // No EndpointSlice at all.
     let empty = json!({
         "metadata": {"name": "empty", "namespace": "default"},
@@ -127,10 +146,12 @@ fn services() -> (
             serde_json::from_value(web).expect("svc"),
             serde_json::from_value(local).expect("svc"),
             serde_json::from_value(empty).expect("svc"),
+            serde_json::from_value(remote).expect("svc"),
         ],
         vec![
             serde_json::from_value(web_eps).expect("eps"),
             serde_json::from_value(local_eps).expect("eps"),
+            serde_json::from_value(remote_eps).expect("eps"),
         ],
     )
 }
@@ -324,5 +345,101 @@ fn tc_programs_translate_nodeport_and_external_ip_flows_and_pass_everything_else
     ensure!(row(NODE.into(), 30090)?.refused == 1);
     ensure!(row(NODE.into(), 30070)?.refused == 1);
     ensure!(row(NODE.into(), 30071)?.refused == 1);
+    Ok(())
+}
+
+/// The source port a packet carries.
+fn sport(p: &[u8]) -> u16 {
+    u16::from_be_bytes([p[34], p[35]])
+}
+
+#[test]
+fn tc_programs_masquerade_flows_to_a_backend_on_another_node() -> Result<()> {
+    let bpf = TestBpfRoot::new();
+    let progs = TcPrograms::load(&bpf.0).context("load tc programs")?;
+    let mut syncer = Syncer::new(LbMaps::open_pinned(&bpf.0)?, MaglevConfig::default())?;
+    let (svcs, slices) = services();
+    let cfg = ModelConfig {
+        node_name: Some("n1".into()),
+        node_ips: vec![NODE.into()],
+        ..Default::default()
+    };
+    let (desired, problems) = model::desired(&svcs, &slices, &cfg);
+    ensure!(problems.is_empty(), "{problems:?}");
+    syncer.sync(&desired)?;
+    // What `TcPrograms::attach` writes for each device; the test run's device is loopback.
+    let pin = bpf.0.join("maps/WEIR_SNAT_ADDRS");
+    let mut addrs: HashMap<MapData, u32, u32> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(&pin)?))?;
+    addrs.insert(TEST_RUN_IFINDEX, ip_to_map(DEVICE_ADDR), 0)?;
+
+    let run = |prog: &str, input: &[u8]| -> Result<Vec<u8>> {
+        let (verdict, out) = testrun::run(progs.fd(prog)?, input)?;
+        ensure!(verdict == OK, "{prog}: verdict {verdict}");
+        Ok(out)
+    };
+    let frontend = (NODE, 30060);
+    let backend = (REMOTE, 8080);
+    let client = (CLIENT, 40100);
+
+    // In: DNAT, as for a local backend.
+    let dnat = run("tc_ingress", &packet(client, frontend, L4::Syn))?;
+    ensure!(
+        dnat == packet(client, backend, L4::Syn),
+        "DNAT: {dnat:02x?}"
+    );
+    // Out of the device towards the other node: the device's address, a port of the range.
+    let out = run("tc_egress", &dnat)?;
+    let port = sport(&out);
+    ensure!(
+        (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port),
+        "source port {port}"
+    );
+    ensure!(
+        out == packet((DEVICE_ADDR, port), backend, L4::Syn),
+        "SNAT: {out:02x?}"
+    );
+    // Later packets of the flow keep their port.
+    let out = run("tc_egress", &packet(client, backend, L4::Ack))?;
+    ensure!(
+        out == packet((DEVICE_ADDR, port), backend, L4::Ack),
+        "{out:02x?}"
+    );
+    // The backend's answer: back to the client on the way in, the frontend as its source on
+    // the way out.
+    let back = run("tc_ingress", &packet(backend, (DEVICE_ADDR, port), L4::Ack))?;
+    ensure!(
+        back == packet(backend, client, L4::Ack),
+        "un-SNAT: {back:02x?}"
+    );
+    let reply = run("tc_egress", &back)?;
+    ensure!(
+        reply == packet(frontend, client, L4::Ack),
+        "reverse DNAT: {reply:02x?}"
+    );
+
+    // Another client of the same backend gets another port (allocation never shares one).
+    let other = (CLIENT, 40101);
+    let out = run(
+        "tc_egress",
+        &run("tc_ingress", &packet(other, frontend, L4::Syn))?,
+    )?;
+    ensure!(
+        sport(&out) != port && out == packet((DEVICE_ADDR, sport(&out)), backend, L4::Syn),
+        "second flow: {out:02x?}"
+    );
+    // A packet to the backend that the node never translated leaves as it is.
+    let own = packet((CLIENT, 40102), backend, L4::Syn);
+    ensure!(
+        run("tc_egress", &own)? == own,
+        "untranslated flow was rewritten"
+    );
+    // A device without an address masquerades nothing.
+    addrs.remove(&TEST_RUN_IFINDEX)?;
+    let third = run("tc_ingress", &packet((CLIENT, 40103), frontend, L4::Syn))?;
+    ensure!(
+        run("tc_egress", &third)? == third,
+        "SNAT without a device address"
+    );
     Ok(())
 }

@@ -118,6 +118,30 @@ pub const CLIENT_IP_TAG: u64 = 1 << 63;
 /// the backend to the client (value: the frontend to show as its source).
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
+/// `CtKey::dir` of source NAT (`externalTrafficPolicy: Cluster`, backend on another node): a
+/// DNAT'd packet leaving the node towards its backend (key: client → backend; value: the node
+/// address and port to write as its source), and that backend's reply to the node (key:
+/// backend → node address and port; value: the client to write as destination).
+pub const CT_SNAT: u8 = 2;
+pub const CT_UNSNAT: u8 = 3;
+
+/// The source ports of source NAT: below the NodePort range (30000–32767) and Linux's
+/// ephemeral range (32768–60999), so a translated flow never takes the reply of one of the
+/// node's own connections.
+pub const SNAT_PORT_MIN: u16 = 1024;
+pub const SNAT_PORT_MAX: u16 = 29_999;
+
+/// `CtValue::flags` of a `CT_UNSNAT` entry: the backend has answered; a TCP FIN or RST was seen.
+pub const CT_FLAG_REPLIED: u16 = 1;
+pub const CT_FLAG_CLOSING: u16 = 2;
+
+/// How long an idle `CT_UNSNAT` entry keeps its port, in seconds (Cilium's conntrack
+/// lifetimes): a closing TCP flow, a TCP flow that never got an answer, any other TCP flow,
+/// a UDP flow.
+pub const SNAT_TIMEOUT_CLOSING: u32 = 10;
+pub const SNAT_TIMEOUT_TCP_SYN: u32 = 60;
+pub const SNAT_TIMEOUT_TCP: u32 = 21_600;
+pub const SNAT_TIMEOUT_UDP: u32 = 60;
 
 /// Key of the `CT` LRU map of the tc path: a flow's addresses as seen on the wire, in
 /// the direction `dir`.
@@ -133,17 +157,22 @@ pub struct CtKey {
     pub _pad: u16,
 }
 
-/// Value of `CT`: the address to write (the backend for `CT_FORWARD`, the frontend for
-/// `CT_REPLY`), and for forward entries the backend slot, so a flow whose backend left its
-/// slot is balanced again instead of staying stuck on a removed backend.
+/// Value of `CT`: the address to write (see the `CT_*` directions). For `CT_FORWARD` entries
+/// `slot` is the backend's slot, so a flow whose backend left its slot is balanced again
+/// instead of staying stuck on a removed backend; for `CT_UNSNAT` entries it is when the flow
+/// was last seen (seconds of `bpf_ktime_get_ns`), and `flags` holds `CT_FLAG_*`, so an idle
+/// or closed flow's port can be given to another flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtValue {
     pub addr: u32,
     pub port: u16,
-    pub _pad: u16,
+    pub flags: u16,
     pub slot: u32,
 }
+
+/// Capacity of `SNAT_ADDRS` (interfaces the tc programs are attached to).
+pub const MAX_DEVICES: u32 = 256;
 
 /// Value of the per-CPU `COUNTERS` array, indexed by service id.
 #[repr(C)]

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use weir_lb_common::{
     AffinityKey, AffinityValue, Backend, BackendKey, Counters, CtKey, CtValue, LRU_ENTRIES,
-    MAX_BACKEND_SLOTS, MAX_MAGLEV_SERVICES, MAX_SERVICES, MaglevTable, RevNatKey, RevNatValue,
-    ServiceKey, ServiceValue,
+    MAX_BACKEND_SLOTS, MAX_DEVICES, MAX_MAGLEV_SERVICES, MAX_SERVICES, MaglevTable, RevNatKey,
+    RevNatValue, ServiceKey, ServiceValue,
 };
 
 #[map(name = "WEIR_SERVICES")]
@@ -33,6 +33,11 @@ pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(LRU_E
 /// and never flushed by a restart, so established flows keep their backend.
 #[map(name = "WEIR_CT")]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(LRU_ENTRIES, 0);
+
+/// The source address of source NAT per interface index: the address of each device the tc
+/// programs are attached to, as MASQUERADE would pick it. Written by the loader on attach.
+#[map(name = "WEIR_SNAT_ADDRS")]
+pub static SNAT_ADDRS: HashMap<u32, u32> = HashMap::pinned(MAX_DEVICES, 0);
 
 /// Round-robin position per service id, advanced with an atomic compare-and-swap.
 #[map(name = "WEIR_RR")]

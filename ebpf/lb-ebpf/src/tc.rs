@@ -13,25 +13,35 @@
 //! A frontend with no usable endpoint answers with an ICMP "port unreachable" sent back out
 //! of the interface the packet came in on (`reject`), so the client fails at once.
 //!
-//! No SNAT: the client's address reaches the backend (what `externalTrafficPolicy: Local`
-//! promises), which is correct for backends on this node — their replies come back through
-//! this node's routing.
+//! Source NAT only where it is needed: the client's address reaches a backend on this node
+//! (what `externalTrafficPolicy: Local` promises; its replies come back through this node's
+//! routing), while a flow DNAT'd to a backend on another node (`Cluster`) is masqueraded as
+//! the device's address when it leaves through an external device (`egress` → `snat`), and
+//! that backend's replies are translated back when they arrive (`ingress` → `unsnat`). The
+//! programs must therefore run on every device that leads to other nodes.
 //!
 //! Anything that is not IPv4 TCP/UDP, a fragment, truncated, or not for a frontend passes
 //! untouched.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{
+        BPF_ANY, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
+    },
     cty::c_long,
-    helpers::{bpf_csum_diff, bpf_redirect, bpf_skb_change_tail},
+    helpers::{
+        bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail,
+    },
     programs::TcContext,
 };
 use weir_lb_common::{
-    Backend, CLIENT_IP_TAG, CT_FORWARD, CT_REPLY, CtKey, CtValue, PROTO_TCP, PROTO_UDP, ServiceKey,
+    Backend, CLIENT_IP_TAG, CT_FLAG_CLOSING, CT_FLAG_REPLIED, CT_FORWARD, CT_REPLY, CT_SNAT,
+    CT_UNSNAT, CtKey, CtValue, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    SNAT_TIMEOUT_CLOSING, SNAT_TIMEOUT_TCP, SNAT_TIMEOUT_TCP_SYN, SNAT_TIMEOUT_UDP, ServiceKey,
+    port_to_map,
 };
 
 use crate::lb::{backend_in_slot, select};
-use crate::maps::{COUNTERS, CT, SERVICES};
+use crate::maps::{COUNTERS, CT, SERVICES, SNAT_ADDRS};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -125,7 +135,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         _pad: 0,
     };
     let Some(svc) = SERVICES.get_ptr(&key) else {
-        return TC_ACT_OK as i32;
+        return unsnat(ctx, &f);
     };
     let svc = unsafe { *svc };
     let fwd = f.key(CT_FORWARD);
@@ -168,13 +178,13 @@ pub fn ingress(ctx: &TcContext) -> i32 {
             let front = CtValue {
                 addr: f.daddr,
                 port: f.dport,
-                _pad: 0,
+                flags: 0,
                 slot: 0,
             };
             let back = CtValue {
                 addr: b.addr,
                 port: b.port,
-                _pad: 0,
+                flags: 0,
                 slot,
             };
             // Reply entry first: a forwarded packet whose reply could not be translated back
@@ -198,14 +208,18 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     }
 }
 
-/// Backend → client: put the frontend back as the source.
+/// Backend → client: put the frontend back as the source. And client → backend on another
+/// node: source NAT ([`snat`]).
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
     let Some(f) = parse(ctx) else {
         return TC_ACT_OK as i32;
     };
     let Some(v) = CT.get_ptr(&f.key(CT_REPLY)) else {
-        return TC_ACT_OK as i32;
+        return match snat(ctx, &f) {
+            Ok(v) => v,
+            Err(_) => TC_ACT_SHOT as i32,
+        };
     };
     let v = unsafe { *v };
     match rewrite(
@@ -216,6 +230,167 @@ pub fn egress(ctx: &TcContext) -> i32 {
         (f.saddr, f.sport),
         (v.addr, v.port),
     ) {
+        Ok(()) => TC_ACT_OK as i32,
+        Err(_) => TC_ACT_SHOT as i32,
+    }
+}
+
+/// A flow `ingress` DNAT'd that leaves the node through an external device goes to a backend
+/// on another node (`externalTrafficPolicy: Cluster`; local backends sit behind the bridge).
+/// That backend would answer the client directly, from its own address, and the client would
+/// drop the answer; so, as kube-proxy's MASQUERADE does, the source becomes this device's
+/// address on a port of `SNAT_PORT_MIN..=SNAT_PORT_MAX`, and `unsnat` turns the replies back.
+/// Other packets pass untouched.
+#[inline(always)]
+fn snat(ctx: &TcContext, f: &Flow) -> Result<i32, c_long> {
+    let key = f.key(CT_SNAT);
+    let nat = match CT.get_ptr(&key) {
+        Some(v) => unsafe { *v },
+        None => {
+            // Only flows `ingress` translated: they have a reply entry for this tuple reversed.
+            let reply = CtKey {
+                saddr: f.daddr,
+                daddr: f.saddr,
+                sport: f.dport,
+                dport: f.sport,
+                proto: f.proto,
+                dir: CT_REPLY,
+                _pad: 0,
+            };
+            if CT.get_ptr(&reply).is_none() {
+                return Ok(TC_ACT_OK as i32);
+            }
+            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+            // A device without an IPv4 address: nothing to masquerade as.
+            let Some(addr) = (unsafe { SNAT_ADDRS.get(&ifindex) }) else {
+                return Ok(TC_ACT_OK as i32);
+            };
+            let nat = CtValue {
+                addr: *addr,
+                port: allocate_port(f, *addr)?,
+                flags: 0,
+                slot: 0,
+            };
+            CT.insert(&key, &nat, 0)?;
+            nat
+        }
+    };
+    rewrite(
+        ctx,
+        f,
+        IP_SADDR,
+        f.l4,
+        (f.saddr, f.sport),
+        (nat.addr, nat.port),
+    )?;
+    Ok(TC_ACT_OK as i32)
+}
+
+/// Picks a free source port for `f` leaving as `addr` and records the way back (`CT_UNSNAT`).
+/// Free: no live flow from the same backend to `addr` holds it, and it is no frontend (a
+/// reply to a frontend's address and port would be taken for new traffic). Tries random
+/// ports, as Cilium does; a port whose flow is closed or idle past its timeout is taken over.
+#[inline(always)]
+fn allocate_port(f: &Flow, addr: u32) -> Result<u16, c_long> {
+    let now = now_secs();
+    let client = CtValue {
+        addr: f.saddr,
+        port: f.sport,
+        flags: 0,
+        slot: now,
+    };
+    let mut back = CtKey {
+        saddr: f.daddr,
+        daddr: addr,
+        sport: f.dport,
+        dport: 0,
+        proto: f.proto,
+        dir: CT_UNSNAT,
+        _pad: 0,
+    };
+    let span = (SNAT_PORT_MAX - SNAT_PORT_MIN) as u32 + 1;
+    for _ in 0..32 {
+        let port = SNAT_PORT_MIN + (unsafe { bpf_get_prandom_u32() } % span) as u16;
+        back.dport = port_to_map(port);
+        let frontend = ServiceKey {
+            addr,
+            port: back.dport,
+            proto: f.proto,
+            _pad: 0,
+        };
+        if SERVICES.get_ptr(&frontend).is_some() {
+            continue;
+        }
+        if CT.insert(&back, &client, BPF_NOEXIST as u64).is_ok() {
+            return Ok(back.dport);
+        }
+        let Some(old) = CT.get_ptr(&back) else {
+            continue;
+        };
+        let old = unsafe { *old };
+        if now.wrapping_sub(old.slot) <= idle_timeout(f.proto, old.flags) {
+            continue;
+        }
+        // The old flow is over: forget its forward translation, so a late packet of it is
+        // not sent out with a port that now belongs to another client.
+        let stale = CtKey {
+            saddr: old.addr,
+            daddr: f.daddr,
+            sport: old.port,
+            dport: f.dport,
+            proto: f.proto,
+            dir: CT_SNAT,
+            _pad: 0,
+        };
+        let _ = CT.remove(&stale);
+        CT.insert(&back, &client, BPF_ANY as u64)?;
+        return Ok(back.dport);
+    }
+    Err(0)
+}
+
+#[inline(always)]
+fn idle_timeout(proto: u8, flags: u16) -> u32 {
+    if proto != PROTO_TCP {
+        SNAT_TIMEOUT_UDP
+    } else if flags & CT_FLAG_CLOSING != 0 {
+        SNAT_TIMEOUT_CLOSING
+    } else if flags & CT_FLAG_REPLIED != 0 {
+        SNAT_TIMEOUT_TCP
+    } else {
+        SNAT_TIMEOUT_TCP_SYN
+    }
+}
+
+#[inline(always)]
+fn now_secs() -> u32 {
+    (unsafe { bpf_ktime_get_ns() } / 1_000_000_000) as u32
+}
+
+/// A backend's reply to a source-NAT'd flow: the client becomes the destination again (and
+/// `egress` then restores the frontend as the source on the way out). Notes when the flow was
+/// last seen and whether it is closing, for `allocate_port`. Other packets pass untouched.
+#[inline(always)]
+fn unsnat(ctx: &TcContext, f: &Flow) -> i32 {
+    let Some(v) = CT.get_ptr_mut(&f.key(CT_UNSNAT)) else {
+        return TC_ACT_OK as i32;
+    };
+    let v = unsafe { &mut *v };
+    let mut flags = v.flags | CT_FLAG_REPLIED;
+    if f.proto == PROTO_TCP {
+        // FIN or RST.
+        let tcp_flags: u8 = ctx.load(f.l4 + 13).unwrap_or(0);
+        if tcp_flags & 0x05 != 0 {
+            flags |= CT_FLAG_CLOSING;
+        }
+    }
+    let now = now_secs();
+    if v.slot != now || v.flags != flags {
+        v.slot = now;
+        v.flags = flags;
+    }
+    let (addr, port) = (v.addr, v.port);
+    match rewrite(ctx, f, IP_DADDR, f.l4 + 2, (f.daddr, f.dport), (addr, port)) {
         Ok(()) => TC_ACT_OK as i32,
         Err(_) => TC_ACT_SHOT as i32,
     }
