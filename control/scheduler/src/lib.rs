@@ -4,6 +4,7 @@
 //! snapshot from watches and writes bindings and PodScheduled conditions.
 
 pub mod core;
+pub mod events;
 pub mod plugins;
 pub mod podinfo;
 pub mod quantity;

@@ -2,9 +2,10 @@
 //! pending pods one at a time, binds them through `pods/binding` (concurrently, so an API
 //! round trip never stalls the next decision), and marks pods that fit nowhere with
 //! PodScheduled=False and kube-scheduler's reason, plus a `FailedScheduling` Warning Event
-//! whenever that reason changes (`kubectl describe pod` shows it). Unschedulable pods are
-//! retried when a node changes or a pod is deleted, and at least every
-//! [`RunConfig::retry_interval`].
+//! per attempt, aggregated into one Event per reason whose `count` grows
+//! ([`crate::events`]; `kubectl describe pod` shows `(x3 over 40s)`). Unschedulable pods are
+//! retried when a node changes in a way that matters to scheduling or a pod is deleted, and
+//! at least every [`RunConfig::retry_interval`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -20,6 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::core::{Config, Scheduler};
+use crate::events::Recorder;
 use crate::podinfo::PodInfo;
 use crate::snapshot::NodeInfo;
 
@@ -57,6 +59,7 @@ struct BindResult {
 struct State {
     core: Scheduler,
     config: RunConfig,
+    recorder: Recorder,
     /// Pods waiting for a decision, by UID, in arrival order.
     queue: VecDeque<String>,
     pending: HashMap<String, Pod>,
@@ -88,6 +91,7 @@ pub async fn run(
     let mut st = State {
         core: Scheduler::new(config.core),
         config,
+        recorder: Recorder::new(client.clone()),
         queue: VecDeque::new(),
         pending: HashMap::new(),
         unschedulable: HashMap::new(),
@@ -146,12 +150,16 @@ impl State {
                     seen.insert(name.clone());
                 }
                 match NodeInfo::from_node(&node) {
-                    Ok(info) => self.core.snapshot.upsert_node(info),
+                    // A heartbeat changes nothing a filter reads: no retry, no new Event.
+                    Ok(info) => {
+                        if self.core.snapshot.upsert_node(info) {
+                            self.retry_unschedulable();
+                        }
+                    }
                     Err(e) => {
                         warn!(node = ?node.metadata.name, error = %e, "ignoring node with unreadable allocatable")
                     }
                 }
-                self.retry_unschedulable();
             }
             watcher::Event::Delete(node) => {
                 if let Some(name) = &node.metadata.name {
@@ -276,7 +284,8 @@ impl State {
             Err(e) => {
                 // Not retried until the pod changes: the same spec fails the same way.
                 let msg = format!("pod spec cannot be scheduled: {e}");
-                mark_unschedulable(client, &pod, "SchedulerError", &msg, &self.config).await;
+                self.mark_unschedulable(client, &pod, "SchedulerError", &msg)
+                    .await;
                 return;
             }
         };
@@ -294,9 +303,53 @@ impl State {
             Err(fit) => {
                 let msg = fit.to_string();
                 info!(pod = %info.name, namespace = %info.namespace, reason = %msg, "unschedulable");
-                mark_unschedulable(client, &pod, "Unschedulable", &msg, &self.config).await;
+                self.mark_unschedulable(client, &pod, "Unschedulable", &msg)
+                    .await;
                 self.unschedulable.insert(uid, pod);
             }
+        }
+    }
+
+    /// Set PodScheduled=False with `reason` and `message` (unless the condition already
+    /// says so) and record a FailedScheduling Event, which the recorder aggregates.
+    async fn mark_unschedulable(&self, client: &Client, pod: &Pod, reason: &str, message: &str) {
+        let (Some(name), Some(ns)) = (&pod.metadata.name, &pod.metadata.namespace) else {
+            return;
+        };
+        self.recorder.record(failed_scheduling_event(
+            pod,
+            message,
+            &self.config.scheduler_name,
+        ));
+        let mut conditions = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        if conditions.iter().any(|c| {
+            c.type_ == "PodScheduled"
+                && c.status == "False"
+                && c.reason.as_deref() == Some(reason)
+                && c.message.as_deref() == Some(message)
+        }) {
+            return;
+        }
+        conditions.retain(|c| c.type_ != "PodScheduled");
+        conditions.push(k8s_openapi::api::core::v1::PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            last_transition_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
+            ..Default::default()
+        });
+        let patch = serde_json::json!({"status": {"conditions": conditions}});
+        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+        if let Err(e) = api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            warn!(pod = %name, namespace = %ns, error = %e, "could not record PodScheduled=False");
         }
     }
 
@@ -341,57 +394,6 @@ async fn bind(api: &Api<Pod>, name: &str, node: &str) -> Result<(), kube::Error>
     )
     .await
     .map(drop)
-}
-
-/// Set PodScheduled=False with `reason` and `message` and record a FailedScheduling Event,
-/// unless the condition already says so: a pod retried on every node heartbeat gets one
-/// Event per distinct reason, not one per attempt.
-async fn mark_unschedulable(
-    client: &Client,
-    pod: &Pod,
-    reason: &str,
-    message: &str,
-    config: &RunConfig,
-) {
-    let (Some(name), Some(ns)) = (&pod.metadata.name, &pod.metadata.namespace) else {
-        return;
-    };
-    let mut conditions = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.clone())
-        .unwrap_or_default();
-    if conditions.iter().any(|c| {
-        c.type_ == "PodScheduled"
-            && c.status == "False"
-            && c.reason.as_deref() == Some(reason)
-            && c.message.as_deref() == Some(message)
-    }) {
-        return;
-    }
-    conditions.retain(|c| c.type_ != "PodScheduled");
-    conditions.push(k8s_openapi::api::core::v1::PodCondition {
-        type_: "PodScheduled".into(),
-        status: "False".into(),
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-        last_transition_time: Some(Time(k8s_openapi::jiff::Timestamp::now())),
-        ..Default::default()
-    });
-    let patch = serde_json::json!({"status": {"conditions": conditions}});
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    if let Err(e) = api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        warn!(pod = %name, namespace = %ns, error = %e, "could not record PodScheduled=False");
-    }
-    let event = failed_scheduling_event(pod, message, &config.scheduler_name);
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    // Best effort, as kube-scheduler's event recorder: the condition is the record of truth.
-    if let Err(e) = events.create(&PostParams::default(), &event).await {
-        debug!(pod = %name, namespace = %ns, error = %e, "could not record FailedScheduling event");
-    }
 }
 
 /// The core/v1 Event kube-scheduler records for a pod that could not be scheduled.

@@ -139,18 +139,30 @@ impl Snapshot {
     }
 
     /// Insert or replace a node, keeping the accounting of pods already bound to it.
-    pub fn upsert_node(&mut self, mut info: NodeInfo) {
+    /// Returns whether anything a filter or score reads changed (a new node, labels,
+    /// taints, schedulability, readiness, allocatable), so that a status heartbeat does not
+    /// make pods that fit nowhere try again.
+    pub fn upsert_node(&mut self, mut info: NodeInfo) -> bool {
         match self.node_index.get(&info.name) {
             Some(&slot) => {
                 let old = &self.nodes[slot];
+                let changed = !old.present
+                    || old.labels != info.labels
+                    || old.taints != info.taints
+                    || old.unschedulable != info.unschedulable
+                    || old.ready != info.ready
+                    || old.allocatable != info.allocatable
+                    || old.allocatable_pods != info.allocatable_pods;
                 info.requested = old.requested;
                 info.nonzero_requested = old.nonzero_requested;
                 info.pod_count = old.pod_count;
                 self.nodes[slot] = info;
+                changed
             }
             None => {
                 self.node_index.insert(info.name.clone(), self.nodes.len());
                 self.nodes.push(info);
+                true
             }
         }
     }

@@ -293,3 +293,25 @@ fn rebinding_a_pod_moves_its_accounting() {
     assert_eq!(s.snapshot.node(1).requested.milli_cpu, 500);
     assert_eq!(s.snapshot.pod_node(&p.uid), Some("b"));
 }
+
+#[test]
+fn only_changes_a_filter_reads_count_as_node_changes() {
+    let mut s = scheduler(vec![]);
+    assert!(
+        s.snapshot.upsert_node(node("a", "1", "1Gi", json!({}))),
+        "new"
+    );
+    let heartbeat = json!({"status": {"conditions": [{"type": "Ready", "status": "True",
+        "lastHeartbeatTime": "2026-01-01T00:00:10Z"}]}});
+    assert!(!s.snapshot.upsert_node(node("a", "1", "1Gi", heartbeat)));
+    let labelled = json!({"metadata": {"labels": {"disk": "ssd"}}});
+    assert!(s.snapshot.upsert_node(node("a", "1", "1Gi", labelled)));
+    assert!(s.snapshot.upsert_node(node("a", "2", "1Gi", json!({}))));
+    let not_ready = json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+    assert!(s.snapshot.upsert_node(node("a", "2", "1Gi", not_ready)));
+    s.snapshot.remove_node("a");
+    assert!(
+        s.snapshot.upsert_node(node("a", "2", "1Gi", json!({}))),
+        "back"
+    );
+}

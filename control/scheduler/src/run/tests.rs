@@ -2,6 +2,8 @@
 //! that fits nowhere gets PodScheduled=False and a FailedScheduling Event with
 //! kube-scheduler's message, and is scheduled as soon as a node is added or a pod is
 //! deleted — with the periodic retry set to an hour, so only the change can have done it.
+//! A pod that keeps failing the same way has one Event whose count grows, as `kubectl
+//! describe pod` shows.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +16,7 @@ use weir_apiserver::{Config, Server, kubeconfig};
 
 struct Cluster {
     client: Client,
+    kubeconfig: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     _dir: tempfile::TempDir,
 }
@@ -71,6 +74,7 @@ async fn start() -> Cluster {
     }));
     Cluster {
         client,
+        kubeconfig: path,
         stop: Some(tx),
         _dir: dir,
     }
@@ -188,5 +192,67 @@ async fn unschedulable_pods_get_an_event_and_are_retried_on_node_and_pod_changes
             .await
             .as_deref(),
         Some("small")
+    );
+}
+
+/// The FailedScheduling Events of `pod`: (message, count).
+async fn failed_scheduling_counts(events: &Api<Event>, pod: &str) -> Vec<(String, i32)> {
+    let list = events.list(&ListParams::default()).await.unwrap();
+    list.items
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.name.as_deref() == Some(pod)
+                && e.reason.as_deref() == Some("FailedScheduling")
+        })
+        .map(|e| (e.message.unwrap_or_default(), e.count.unwrap_or(0)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_failing_the_same_way_has_one_event_whose_count_grows() {
+    let c = start().await;
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let events: Api<Event> = Api::namespaced(c.client.clone(), "default");
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    add_node(&c.client, "small", "1").await;
+    create_pod(&pods, "big", "2").await;
+    let message = "0/1 nodes are available: 1 Insufficient cpu.".to_string();
+    // Each label change is a node change that matters, so the pod is tried again and fails
+    // the same way; the periodic retry is an hour, so nothing else tries it.
+    for round in 1..=3 {
+        if round > 1 {
+            let patch = json!({"metadata": {"labels": {"round": round.to_string()}}});
+            nodes
+                .patch("small", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+        let start = Instant::now();
+        loop {
+            let seen = failed_scheduling_counts(&events, "big").await;
+            if seen.len() == 1 && seen[0].0 == message && seen[0].1 >= round {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "round {round}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(["describe", "pod", "big"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.contains("FailedScheduling"))
+        .unwrap_or_else(|| panic!("no event in describe: {text}"));
+    assert!(
+        row.contains("(x3 over") && row.contains(&message),
+        "describe row: {row}"
     );
 }
