@@ -1199,3 +1199,179 @@ async fn pod_logs_stream_from_the_node_agent() {
         .expect("ended");
     assert!(end.is_none(), "{end:?}");
 }
+
+/// A real store that records every call and the key (or prefix) it names, so a test can
+/// state which keys a request touches.
+struct Recording {
+    inner: Arc<dyn Store>,
+    calls: std::sync::Mutex<Vec<String>>,
+}
+
+impl Recording {
+    fn record(&self, call: &str, key: &str) {
+        if let Ok(mut calls) = self.calls.lock() {
+            calls.push(format!("{call} {key}"));
+        }
+    }
+
+    fn take(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for Recording {
+    async fn get(&self, key: &str) -> weir_store::Result<Option<weir_store::KeyValue>> {
+        self.record("get", key);
+        self.inner.get(key).await
+    }
+    async fn list(
+        &self,
+        prefix: &str,
+        opts: weir_store::ListOptions,
+    ) -> weir_store::Result<weir_store::ListResult> {
+        self.record("list", prefix);
+        self.inner.list(prefix, opts).await
+    }
+    async fn create(&self, key: &str, value: Vec<u8>) -> weir_store::Result<weir_store::KeyValue> {
+        self.record("create", key);
+        self.inner.create(key, value).await
+    }
+    async fn create_all(
+        &self,
+        kvs: Vec<(String, Vec<u8>)>,
+    ) -> weir_store::Result<Vec<weir_store::KeyValue>> {
+        for (key, _) in &kvs {
+            self.record("create", key);
+        }
+        self.inner.create_all(kvs).await
+    }
+    async fn update(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: i64,
+    ) -> weir_store::Result<weir_store::KeyValue> {
+        self.record("update", key);
+        self.inner.update(key, value, expected).await
+    }
+    async fn delete(
+        &self,
+        key: &str,
+        expected: Option<i64>,
+    ) -> weir_store::Result<(weir_store::KeyValue, i64)> {
+        self.record("delete", key);
+        self.inner.delete(key, expected).await
+    }
+    async fn watch(&self, prefix: &str, after: i64) -> weir_store::Result<weir_store::WatchStream> {
+        self.record("watch", prefix);
+        self.inner.watch(prefix, after).await
+    }
+    async fn current_revision(&self) -> weir_store::Result<i64> {
+        self.inner.current_revision().await
+    }
+    async fn compact(&self, revision: i64) -> weir_store::Result<()> {
+        self.record("compact", &revision.to_string());
+        self.inner.compact(revision).await
+    }
+}
+
+/// A write of one object reads and writes that object's key and nothing else, so its cost
+/// does not grow with the number of objects stored (no list of its resource, no scan of
+/// other keys): checked with many Services and EndpointSlices stored, on the real store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_touches_only_its_own_key() {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    let sdir = tempfile::tempdir().expect("tempdir");
+    let inner = EmbeddedStore::open(sdir.path().join("store.redb")).expect("store");
+    let store = Arc::new(Recording {
+        inner: Arc::new(inner),
+        calls: Default::default(),
+    });
+    let r = start_with(store.clone(), "10.96.0.0/12").await;
+    let svcs: Api<Service> = Api::namespaced(r.client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(r.client.clone(), "default");
+    let slice = |i: usize, ip: &str| -> EndpointSlice {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("s{i}"), "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}],
+        }))
+        .expect("slice")
+    };
+    futures::stream::iter(0..50)
+        .map(|i| {
+            let (svcs, slices) = (svcs.clone(), slices.clone());
+            let s = svc(&format!("s{i}"), json!({"ports": [{"port": 80}]}));
+            let eps = slice(i, "10.244.0.2");
+            async move {
+                svcs.create(&PostParams::default(), &s).await?;
+                slices.create(&PostParams::default(), &eps).await
+            }
+        })
+        .buffer_unordered(8)
+        .try_collect::<Vec<_>>()
+        .await
+        .expect("fill");
+    // The server's start-up work ends with a list of the namespaces; wait for it, so only
+    // the requests below are recorded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|c| c == "list /registry/core/namespaces/") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "start-up never ended: {seen:?}"
+        );
+        seen.extend(store.take());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.take();
+
+    let key = "/registry/discovery.k8s.io/endpointslices/default/s42";
+    let patch = json!({"endpoints": [{"addresses": ["10.244.0.3"]}]});
+    slices
+        .patch("s42", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch slice");
+    assert_eq!(
+        store.take(),
+        [format!("get {key}"), format!("update {key}")]
+    );
+
+    let mut current = slices.get("s42").await.expect("get slice");
+    store.take();
+    current.endpoints[0].addresses = vec!["10.244.0.4".into()];
+    slices
+        .replace("s42", &PostParams::default(), &current)
+        .await
+        .expect("replace slice");
+    assert_eq!(
+        store.take(),
+        [format!("get {key}"), format!("update {key}")]
+    );
+
+    let key = "/registry/core/services/default/s7";
+    let patch = json!({"metadata": {"labels": {"tier": "web"}}});
+    svcs.patch("s7", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("patch service");
+    assert_eq!(
+        store.take(),
+        [format!("get {key}"), format!("update {key}")]
+    );
+
+    let key = "/registry/discovery.k8s.io/endpointslices/default/s9";
+    slices
+        .delete("s9", &DeleteParams::default())
+        .await
+        .expect("delete slice");
+    assert_eq!(
+        store.take(),
+        [format!("get {key}"), format!("delete {key}")]
+    );
+}
