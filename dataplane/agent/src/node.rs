@@ -83,6 +83,10 @@ pub struct Args {
     /// Heartbeat (Lease renewal and node status) interval.
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub heartbeat: Duration,
+    /// `spec.leaseDurationSeconds` of the node's Lease: how long each renewal claims the
+    /// node is alive (the kubelet's flag of this name, default 40).
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(i32).range(1..))]
+    pub node_lease_duration_seconds: i32,
     /// First delay of the restart back-off (doubling up to 300 s).
     #[arg(long, default_value = "10", value_parser = parse_secs)]
     pub backoff: Duration,
@@ -429,9 +433,9 @@ async fn pod_cidr(
 }
 
 /// Renews the node's Lease in kube-node-lease (creating it on first use).
-async fn renew_lease(leases: &Api<Lease>, name: &str, duration: Duration) -> Result<(), Error> {
+async fn renew_lease(leases: &Api<Lease>, name: &str, duration_seconds: i32) -> Result<(), Error> {
     let now = MicroTime(Timestamp::now());
-    let patch = json!({"spec": {"holderIdentity": name, "leaseDurationSeconds": duration.as_secs(), "renewTime": now}});
+    let patch = json!({"spec": {"holderIdentity": name, "leaseDurationSeconds": duration_seconds, "renewTime": now}});
     match leases
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -445,7 +449,7 @@ async fn renew_lease(leases: &Api<Lease>, name: &str, duration: Duration) -> Res
                 },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(name.into()),
-                    lease_duration_seconds: i32::try_from(duration.as_secs()).ok(),
+                    lease_duration_seconds: Some(duration_seconds),
                     renew_time: Some(now.clone()),
                     acquire_time: Some(now),
                     ..Default::default()
@@ -595,7 +599,6 @@ pub async fn run(
         .boxed();
     let mut heartbeat = tokio::time::interval(args.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let lease_duration = Duration::from_secs(40);
     let mut listing: Option<Vec<Pod>> = None;
     let mut all_nodes: HashMap<String, Node> = HashMap::new();
     let mut node_listing: Option<HashMap<String, Node>> = None;
@@ -610,7 +613,7 @@ pub async fn run(
             () = &mut shutdown => break,
             _ = heartbeat.tick() => {
                 publisher.retry().await;
-                if let Err(e) = renew_lease(&leases, &name, lease_duration).await {
+                if let Err(e) = renew_lease(&leases, &name, args.node_lease_duration_seconds).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
                 let status = node_status(node_ip, &name, &advertise, &ready_since);

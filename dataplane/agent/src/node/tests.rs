@@ -130,6 +130,7 @@ impl TestNode {
             advertise_url: None,
             cgroup_subtree: Some(cgroups.subtree.clone()),
             heartbeat: Duration::from_millis(500),
+            node_lease_duration_seconds: 40,
             backoff: Duration::from_millis(300),
         };
         Self {
@@ -264,6 +265,7 @@ async fn two_nodes_register_claim_cidrs_run_pods_and_route_to_each_other() {
     // The two node namespaces are linked, as two hosts on one network.
     let mut a = TestNode::new("node-a", Ipv4Addr::new(192, 168, 61, 1));
     let mut b = TestNode::new("node-b", Ipv4Addr::new(192, 168, 61, 2));
+    a.args.node_lease_duration_seconds = 25;
     let link = unique("l");
     assert!(run_in(
         &a.netns.name,
@@ -339,6 +341,8 @@ async fn two_nodes_register_claim_cidrs_run_pods_and_route_to_each_other() {
         async move { leases.get_opt(&name).await.ok()??.spec?.renew_time }
     };
     let first = eventually("lease", || renewed(a.name.clone())).await;
+    let lease = leases.get(&a.name).await.unwrap();
+    assert_eq!(lease.spec.unwrap().lease_duration_seconds, Some(25));
     eventually("lease renewal", || {
         let r = renewed(a.name.clone());
         let first = first.clone();
@@ -728,6 +732,37 @@ async fn agent_waits_for_an_api_server_that_is_not_up_yet() {
         }
     })
     .await;
+}
+
+#[test]
+fn the_lease_duration_flag_defaults_to_the_kubelets_40_and_must_be_positive() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+    let base = [
+        "weir-node",
+        "--server",
+        "https://127.0.0.1:6443",
+        "--token",
+        "t",
+    ];
+    let parse = |extra: &[&str]| {
+        <Cli as clap::Parser>::try_parse_from(base.iter().chain(extra)).map(|c| c.args)
+    };
+    assert_eq!(parse(&[]).unwrap().node_lease_duration_seconds, 40);
+    assert_eq!(
+        parse(&["--node-lease-duration-seconds", "15"])
+            .unwrap()
+            .node_lease_duration_seconds,
+        15
+    );
+    let err = parse(&["--node-lease-duration-seconds", "0"])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--node-lease-duration-seconds"), "{err}");
 }
 
 #[test]
