@@ -176,7 +176,7 @@ async fn bench(cli: Cli) -> Result<()> {
     std::fs::create_dir_all(&dir.0)?;
     let (echo0, echo1, ws) = (free_addr()?, free_addr()?, free_addr()?);
     let exe = std::env::current_exe()?;
-    let _backend = ChildGuard(
+    let backend_proc = ChildGuard(
         Command::new(exe)
             .args([
                 "--backend",
@@ -352,6 +352,22 @@ async fn bench(cli: Cli) -> Result<()> {
             )?;
         }
     }
+
+    let backend_pid = backend_proc.0.id();
+    let mut counted = Vec::new();
+    for p in proxies {
+        wrk(p.http, 64, 1).await?;
+        let c = count(p, backend_pid, 64, cli.duration.min(5)).await?;
+        eprintln!(
+            "{} counted: {:.0} req/s, {:.2} syscalls and {:.2} context switches per request",
+            p.name,
+            c.rps,
+            c.syscalls.unwrap_or(f64::NAN),
+            c.switches.unwrap_or(f64::NAN)
+        );
+        counted.push((p.name, c));
+    }
+    write_counts(&mut md, &counted, cli.duration.min(5))?;
 
     if cli.quick {
         shutdown.cancel();
@@ -603,7 +619,35 @@ struct WrkResult {
 }
 
 async fn wrk(addr: SocketAddr, conns: u32, secs: u64) -> Result<WrkResult> {
-    let out = tokio::process::Command::new("wrk")
+    Ok(wrk_counted(addr, conns, secs, None).await?.0)
+}
+
+/// wrk, under `perf stat -p <count>` when `count` names processes: perf opens its counters
+/// before it starts wrk, so they cover the whole run. Returns perf's output too.
+async fn wrk_counted(
+    addr: SocketAddr,
+    conns: u32,
+    secs: u64,
+    count: Option<&str>,
+) -> Result<(WrkResult, String)> {
+    let mut cmd = match count {
+        Some(pids) => {
+            let mut c = tokio::process::Command::new("perf");
+            c.args([
+                "stat",
+                "-x,",
+                "-e",
+                "raw_syscalls:sys_enter,context-switches",
+                "-p",
+                pids,
+                "--",
+                "wrk",
+            ]);
+            c
+        }
+        None => tokio::process::Command::new("wrk"),
+    };
+    let out = cmd
         .args([
             "-t2",
             &format!("-c{conns}"),
@@ -617,10 +661,12 @@ async fn wrk(addr: SocketAddr, conns: u32, secs: u64) -> Result<WrkResult> {
         .await
         .context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() {
-        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        bail!("wrk failed: {text}{stderr}");
     }
-    parse_wrk(&text).with_context(|| format!("parsing wrk output:\n{text}"))
+    let r = parse_wrk(&text).with_context(|| format!("parsing wrk output:\n{text}"))?;
+    Ok((r, stderr))
 }
 
 /// Median over rounds of requests/s, p50, p99 and CPU per request; errors are summed.
@@ -648,21 +694,143 @@ impl Summary {
     }
 }
 
+/// Per-request costs of one proxy and of its peers on the machine, from a wrk run of its
+/// own under `perf stat`, apart from the timed runs that perf would slow. wrk's CPU time
+/// includes perf's, which is small: the counting itself is charged to the counted threads.
+struct Counts {
+    rps: f64,
+    user_us: f64,
+    sys_us: f64,
+    /// `None` when perf is missing or cannot attach.
+    syscalls: Option<f64>,
+    switches: Option<f64>,
+    backend_us: f64,
+    wrk_us: f64,
+}
+
+async fn count(p: &Proxy, backend_pid: u32, conns: u32, secs: u64) -> Result<Counts> {
+    let pids = proxy_pids(p.pid, p.children);
+    let list = pids
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let (cpu, backend, reaped) = (
+        cpu_split(&pids),
+        cpu_ticks(backend_pid, false),
+        reaped_children_ticks(),
+    );
+    let perf = Command::new("perf")
+        .args(["stat", "-e", "context-switches", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let (r, perf_out) = wrk_counted(p.http, conns, secs, perf.then_some(list.as_str())).await?;
+    let (cpu2, backend2, reaped2) = (
+        cpu_split(&pids),
+        cpu_ticks(backend_pid, false),
+        reaped_children_ticks(),
+    );
+    let per_req = |ticks: u64| ticks as f64 * 1e6 / ticks_per_sec() / r.requests.max(1) as f64;
+    let (mut syscalls, mut switches) = (None, None);
+    for line in perf_out.lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        let per = f
+            .first()
+            .and_then(|n| n.parse::<f64>().ok())
+            .map(|n| n / r.requests.max(1) as f64);
+        match f.get(2) {
+            Some(&"raw_syscalls:sys_enter") => syscalls = per,
+            Some(&"context-switches") => switches = per,
+            _ => {}
+        }
+    }
+    Ok(Counts {
+        rps: r.rps,
+        user_us: per_req(cpu2.0 - cpu.0),
+        sys_us: per_req(cpu2.1 - cpu.1),
+        syscalls,
+        switches,
+        backend_us: per_req(backend2 - backend),
+        wrk_us: per_req(reaped2 - reaped),
+    })
+}
+
+/// The "where the CPU goes" table, and what the 1.3× goal leaves the proxy to spend.
+fn write_counts(md: &mut String, counted: &[(&str, Counts)], secs: u64) -> Result<()> {
+    writeln!(
+        md,
+        "\n### Where the CPU goes (wrk -t2 -c64 -d{secs}s, one run per proxy under `perf stat -e raw_syscalls:sys_enter,context-switches`)\n"
+    )?;
+    writeln!(
+        md,
+        "Counted in a run of its own, as perf slows what it counts. Per request: the proxy's user and system \
+         CPU time (/proc), its system calls and context switches (perf), and the CPU time of the backend and \
+         of wrk (which perf starts and waits for; perf itself adds little) in the same run.\n"
+    )?;
+    writeln!(
+        md,
+        "| proxy | requests/s | user CPU | system CPU | syscalls | context switches | backend CPU | wrk CPU |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    let opt = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.2}"));
+    for (name, c) in counted {
+        writeln!(
+            md,
+            "| {name} | {:.0} | {:.1} µs | {:.1} µs | {} | {} | {:.1} µs | {:.1} µs |",
+            c.rps,
+            c.user_us,
+            c.sys_us,
+            opt(c.syscalls),
+            opt(c.switches),
+            c.backend_us,
+            c.wrk_us
+        )?;
+    }
+    let find = |n: &str| counted.iter().find(|(name, _)| *name == n).map(|(_, c)| c);
+    if let (Some(w), Some(n)) = (find("weir"), find("nginx")) {
+        // On a machine whose cores are saturated, requests/s goes as 1 / (CPU per request
+        // of wrk + proxy + backend).
+        let nginx_total = n.wrk_us + n.backend_us + n.user_us + n.sys_us;
+        let budget = nginx_total / 1.3 - (w.wrk_us + w.backend_us);
+        writeln!(
+            md,
+            "\nwrk, backend and proxy share the 2 cores, so requests/s goes as 1 / (their CPU per request). \
+             Behind nginx they spent {nginx_total:.1} µs per request; for 1.3× nginx's requests/s, weir would \
+             have to proxy a request in {budget:.1} µs of CPU, next to wrk's and the backend's {:.1} µs. weir's \
+             own system time was {:.1} µs per request (nginx's {:.1} µs).",
+            w.wrk_us + w.backend_us,
+            w.sys_us,
+            n.sys_us,
+        )?;
+    }
+    Ok(())
+}
+
 /// User plus system CPU ticks of `pid`, and of its direct children if `children`.
 fn cpu_ticks(pid: u32, children: bool) -> u64 {
-    let stat = |p: &str| -> Option<(u32, u64)> {
-        let text = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-        // Fields after the parenthesised command: state, ppid, ..., utime (14), stime (15).
-        let rest = &text[text.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        Some((
-            f.get(1)?.parse().ok()?,
-            f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
-        ))
-    };
-    let mut total = stat(&pid.to_string()).map_or(0, |s| s.1);
+    let (user, sys) = cpu_split(&proxy_pids(pid, children));
+    user + sys
+}
+
+/// `/proc/<pid>/stat` fields after the parenthesised command (state is field 0).
+fn stat_fields(pid: &str) -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 2..];
+    // The state letter is not a number; keep the positions of the rest.
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// `pid`, and its direct children if `children` (nginx's workers).
+fn proxy_pids(pid: u32, children: bool) -> Vec<u32> {
+    let mut pids = vec![pid];
     if !children {
-        return total;
+        return pids;
     }
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = entry.file_name();
@@ -672,13 +840,34 @@ fn cpu_ticks(pid: u32, children: bool) -> u64 {
         else {
             continue;
         };
-        if let Some((ppid, ticks)) = stat(name)
-            && ppid == pid
+        // Field 1 is the parent's pid.
+        if stat_fields(name).and_then(|f| f.get(1).copied()) == Some(u64::from(pid))
+            && let Ok(child) = name.parse()
         {
-            total += ticks;
+            pids.push(child);
         }
     }
-    total
+    pids
+}
+
+/// User and system CPU ticks of `pids` (utime and stime, fields 11 and 12 here).
+fn cpu_split(pids: &[u32]) -> (u64, u64) {
+    pids.iter()
+        .filter_map(|p| stat_fields(&p.to_string()))
+        .fold((0, 0), |(u, s), f| {
+            (
+                u + f.get(11).copied().unwrap_or(0),
+                s + f.get(12).copied().unwrap_or(0),
+            )
+        })
+}
+
+/// CPU ticks of this process's children that have been waited for (cutime + cstime): after
+/// a wrk run returns, its CPU time (and perf's, when perf ran it) is added here.
+fn reaped_children_ticks() -> u64 {
+    stat_fields("self").map_or(0, |f| {
+        f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0)
+    })
 }
 
 /// The kernel's clock ticks per second for /proc CPU times (USER_HZ, 100 on Linux).
