@@ -1,7 +1,7 @@
 //! Network-namespace fixtures for the load balancer's tests and benchmarks: a "node" namespace
 //! with a bridge and no route off the machine, pods as namespaces on veths into that bridge, a
 //! cgroup v2 subtree for the socket hooks, a client namespace outside the node (for NodePort
-//! traffic), and threads that run inside a namespace.
+//! traffic), another node holding a backend, and threads that run inside a namespace.
 //! Everything is removed on drop, also when a test panics.
 
 use std::fs::File;
@@ -232,6 +232,79 @@ impl Lab {
             )?;
         }
         Ok(ext)
+    }
+}
+
+/// Another node, linked to this one by a veth, holding one backend pod's address: what a
+/// Service endpoint on another node looks like from this node. Its only route is the link
+/// itself, so it can answer this node but not an outside client directly.
+#[derive(Clone, Debug)]
+pub struct RemoteNode {
+    pub ns: String,
+    /// The other node's address on the link.
+    pub ip: Ipv4Addr,
+    /// The pod address it holds (10.244.1.x, routed by this node via `ip`).
+    pub pod_ip: Ipv4Addr,
+    /// This node's interface and address on the link.
+    pub node_dev: String,
+    pub node_ip: Ipv4Addr,
+}
+
+impl Lab {
+    /// Adds a remote node: namespace `<host>r` at 192.168.78.2/24 on `eth0` holding
+    /// 10.244.1.5/32, this node at 192.168.78.1/24 on `nb0` with a route to 10.244.1.0/24 via
+    /// the remote node, as a node agent installs one per peer pod CIDR.
+    pub fn add_remote_node(&mut self) -> io::Result<RemoteNode> {
+        let ns = format!("{}r", self.host);
+        ip(None, &["netns", "add", &ns])?;
+        self.pods.push(ns.clone());
+        let remote = RemoteNode {
+            ns,
+            ip: Ipv4Addr::new(192, 168, 78, 2),
+            pod_ip: Ipv4Addr::new(10, 244, 1, 5),
+            node_dev: "nb0".into(),
+            node_ip: Ipv4Addr::new(192, 168, 78, 1),
+        };
+        let h = Some(self.host.as_str());
+        let dev = remote.node_dev.as_str();
+        ip(
+            h,
+            &[
+                "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", &remote.ns,
+            ],
+        )?;
+        ip(
+            h,
+            &["addr", "add", &format!("{}/24", remote.node_ip), "dev", dev],
+        )?;
+        ip(h, &["link", "set", dev, "up"])?;
+        let r = Some(remote.ns.as_str());
+        ip(r, &["link", "set", "lo", "up"])?;
+        ip(
+            r,
+            &["addr", "add", &format!("{}/24", remote.ip), "dev", "eth0"],
+        )?;
+        ip(
+            r,
+            &["addr", "add", &format!("{}/32", remote.pod_ip), "dev", "lo"],
+        )?;
+        ip(r, &["link", "set", "eth0", "up"])?;
+        // Answers leave from the pod address, as from a pod that has no other (an unconnected
+        // UDP socket's source is the route's preferred source).
+        let link = format!("{}/24", Ipv4Addr::from(remote.ip.to_bits() & !0xff));
+        let src = remote.pod_ip.to_string();
+        ip(r, &["route", "replace", &link, "dev", "eth0", "src", &src])?;
+        ip(
+            h,
+            &[
+                "route",
+                "add",
+                "10.244.1.0/24",
+                "via",
+                &remote.ip.to_string(),
+            ],
+        )?;
+        Ok(remote)
     }
 }
 

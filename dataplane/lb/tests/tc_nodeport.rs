@@ -16,6 +16,7 @@ use serde_json::json;
 use weir_lb::netlab::{External, Lab, Pod, TestBpfRoot, in_netns};
 use weir_lb::tc::TcPrograms;
 use weir_lb::{LbMaps, MaglevConfig, ModelConfig, Syncer, model};
+use weir_lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -297,5 +298,90 @@ fn nodeport_and_external_ip_from_outside_the_node() -> Result<()> {
     wait_attached(&lab, &ext.node_dev, (1, 1))?;
     weir_lb::unpin_all(&bpf.0)?;
     wait_attached(&lab, &ext.node_dev, (0, 0)).context("after unpin_all")?;
+    Ok(())
+}
+
+#[test]
+fn cluster_policy_nodeport_reaches_a_backend_on_another_node_through_source_nat() -> Result<()> {
+    let bpf = TestBpfRoot::new();
+    let mut lab = Lab::new().context("create node netns")?;
+    let ext = lab.add_external(&[])?;
+    let remote = lab.add_remote_node()?;
+    // The backend listens in the other node's namespace, on every address, so it answers on
+    // its pod address.
+    let far = Pod {
+        ns: remote.ns.clone(),
+        ip: remote.pod_ip,
+    };
+    serve(&far, "far")?;
+    start_agent(
+        &lab,
+        &bpf.0,
+        &[ext.node_dev.clone(), remote.node_dev.clone()],
+    )?;
+    let mut syncer = Syncer::new(LbMaps::open_pinned(&bpf.0)?, MaglevConfig::default())?;
+    let svc = json!({
+        "metadata": {"name": "far", "namespace": "default"},
+        "spec": {"type": "NodePort", "clusterIP": "10.96.0.12", "externalTrafficPolicy": "Cluster",
+                 "ports": [{"name": "echo", "port": 90, "nodePort": 30070},
+                           {"name": "dns", "port": 53, "nodePort": 30071, "protocol": "UDP"}]}
+    });
+    let eps = json!({
+        "metadata": {"name": "far-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "far"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "echo", "port": 9000}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+        "endpoints": [{"addresses": [remote.pod_ip.to_string()], "nodeName": "n2"}]
+    });
+    let svcs: Vec<k8s_openapi::api::core::v1::Service> = vec![serde_json::from_value(svc)?];
+    let slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        vec![serde_json::from_value(eps)?];
+    let cfg = ModelConfig {
+        node_name: Some("n1".into()),
+        node_ips: vec![ext.node_ip],
+        ..Default::default()
+    };
+    let (desired, problems) = model::desired(&svcs, &slices, &cfg);
+    ensure!(problems.is_empty(), "{problems:?}");
+    syncer.sync(&desired)?;
+
+    // The other node has no route to the client: only answers sent to this node arrive. The
+    // backend sees this node's address on the link, with a port of the SNAT range; the client
+    // sees the nodePort it dialled (TCP: the connection; UDP: the answer's source).
+    let node_ip = ext.node_ip;
+    let answers = outside(&ext, move || -> std::io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            out.push(tcp_hello((node_ip, 30070).into())?);
+            out.push(udp_hello((node_ip, 30071).into())?);
+        }
+        // A connection carries more than its first packets both ways.
+        let s = TcpStream::connect_timeout(&(node_ip, 30070).into(), TIMEOUT)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        let mut r = BufReader::new(s.try_clone()?);
+        let mut w = s;
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        for i in 0..20 {
+            w.write_all(format!("ping {i}\n").as_bytes())?;
+            line.clear();
+            r.read_line(&mut line)?;
+            if line.trim() != format!("ping {i}") {
+                return Err(std::io::Error::other(format!("echo {line:?}")));
+            }
+        }
+        Ok(out)
+    })??;
+    for a in &answers {
+        let (pod, peer) = hello(a)?;
+        ensure!(pod == "far", "answer from {pod}");
+        ensure!(
+            peer.ip() == std::net::IpAddr::V4(remote.node_ip)
+                && (SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&peer.port()),
+            "backend saw {peer}, want {}:<{SNAT_PORT_MIN}-{SNAT_PORT_MAX}>",
+            remote.node_ip
+        );
+    }
+    weir_lb::unpin_all(&bpf.0)?;
     Ok(())
 }
