@@ -238,6 +238,9 @@ async fn deployment_service_scheduling_healing_rollout_and_rollback() {
     let c = start(crate::Config::default()).await;
     add_node(&c.client, "node-a").await;
     add_node(&c.client, "node-b").await;
+    // Live nodes for as long as the test takes, however loaded the machine.
+    keep_alive(&c.client, "node-a").await;
+    keep_alive(&c.client, "node-b").await;
     tokio::spawn(kubelet(c.client.clone(), &["node-a", "node-b"]));
 
     let services: Api<Service> = Api::namespaced(c.client.clone(), "default");
@@ -567,6 +570,7 @@ async fn a_rollout_that_makes_no_progress_exceeds_its_deadline() {
     let c = start(crate::Config::default()).await;
     // A node whose "kubelet" never starts anything: pods are bound but never ready.
     add_node(&c.client, "node-a").await;
+    keep_alive(&c.client, "node-a").await;
     let deployments: Api<Deployment> = Api::namespaced(c.client.clone(), "default");
     let deploy: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "stuck"},
