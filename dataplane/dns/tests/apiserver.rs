@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -132,6 +132,15 @@ async fn changes_through_the_api_server_reach_dns_answers() {
         assert!(Instant::now() < deadline, "weir server did not come up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The server creates the `default` namespace just after it starts listening.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    while namespaces.get_opt("default").await.ok().flatten().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "weir server never created the default namespace"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let services: Api<Service> = Api::namespaced(client.clone(), "default");
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
