@@ -7,8 +7,8 @@ use std::net::IpAddr;
 
 use crate::metrics::Metrics;
 use crate::wire::{
-    self, AnswerParts, CLASS_ANY, CLASS_IN, Query, Rcode, TYPE_ANY, TYPE_SOA, error_response,
-    parse_query, write_answer, write_empty,
+    self, AnswerParts, CLASS_ANY, CLASS_IN, Query, Rcode, TYPE_A, TYPE_AAAA, TYPE_ANY, TYPE_SOA,
+    TYPE_SRV, error_response, parse_query, write_answer, write_answer_with, write_empty,
 };
 use crate::zone::{Snapshot, ZoneReader, rr_tail};
 
@@ -149,7 +149,8 @@ impl Handler {
         let snap = self.zone.load();
         if let Some(apex) = q.zone_start(&self.zone_wire) {
             if let Some(entry) = snap.lookup(q.name()) {
-                return self.answer_entry(msg, q, entry, Some(apex), client.is_some(), limit, out);
+                let chase = client.is_some();
+                return self.answer_entry(msg, q, &snap, entry, Some(apex), chase, limit, out);
             }
             let autopath = client.and_then(|c| self.autopath_base(q, apex, &snap, c));
             if let Some(autopath) = autopath {
@@ -171,7 +172,7 @@ impl Handler {
         // every other name, belongs upstream.
         let reverse = q.name().ends_with(IN_ADDR_ARPA) || q.name().ends_with(IP6_ARPA);
         if reverse && let Some(entry) = snap.lookup(q.name()) {
-            return self.answer_entry(msg, q, entry, None, false, limit, out);
+            return self.answer_entry(msg, q, &snap, entry, None, false, limit, out);
         }
         Action::Forward(Forward {
             qtype: q.qtype,
@@ -185,6 +186,7 @@ impl Handler {
         &self,
         msg: &[u8],
         q: &Query,
+        snap: &Snapshot,
         entry: &crate::zone::Entry,
         apex: Option<usize>,
         chase: bool,
@@ -221,7 +223,13 @@ impl Handler {
                 soa: apex.map(|a| (&*self.soa_tail, a)),
             },
         };
-        write_answer(msg, q, &parts, limit, out);
+        if qtype == TYPE_SRV {
+            write_answer_with(msg, q, &parts, limit, out, |out, limit| {
+                srv_additional(snap, parts.answers, out, limit)
+            });
+        } else {
+            write_answer(msg, q, &parts, limit, out);
+        }
         Action::Reply(Rcode::NoError)
     }
 
@@ -246,4 +254,67 @@ impl Handler {
         base.push(0);
         Some(wire::wire_to_name(&base))
     }
+}
+
+/// The additional section of an SRV answer, as CoreDNS's kubernetes plugin writes it: the
+/// A and AAAA records of each distinct target (a ClusterIP Service's name; a headless
+/// Service's endpoint hostnames), so the client needs no second query. `answers` are the
+/// SRV records just written at the end of `out`. A target's records go in whole or not at
+/// all, up to `limit` bytes; returns how many were written.
+fn srv_additional(snap: &Snapshot, answers: &[u8], out: &mut Vec<u8>, limit: usize) -> u16 {
+    let start = out.len() - answers.len();
+    let mut count = 0u16;
+    for (at, rdata) in records(answers) {
+        // SRV RDATA: priority, weight, port, then the target, uncompressed (RFC 2782).
+        let Some(target) = rdata.get(6..) else {
+            continue;
+        };
+        if records(&answers[..at]).any(|(_, r)| r.get(6..) == Some(target)) {
+            continue;
+        }
+        let Some(entry) = snap.lookup(target) else {
+            continue;
+        };
+        // The owner is a pointer to the target inside the SRV record when the offset fits
+        // in a pointer's 14 bits (large TCP answers), else the name itself.
+        let offset = start + at + 12 + 6;
+        let owner_len = if offset <= 0x3FFF { 2 } else { target.len() };
+        let sets = [TYPE_A, TYPE_AAAA].map(|t| entry.records(t));
+        let size: usize = sets
+            .iter()
+            .flatten()
+            .map(|(wire, n)| wire.len() - 2 * usize::from(*n) + owner_len * usize::from(*n))
+            .sum();
+        if out.len() + size > limit {
+            break;
+        }
+        for (wire, _) in sets.into_iter().flatten() {
+            for (rr_at, rr_data) in records(wire) {
+                if offset <= 0x3FFF {
+                    out.extend_from_slice(&(0xC000 | offset as u16).to_be_bytes());
+                } else {
+                    out.extend_from_slice(target);
+                }
+                out.extend_from_slice(&wire[rr_at + 2..rr_at + 12 + rr_data.len()]);
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// The records of pre-encoded wire (each a 2-byte owner pointer, type, class, TTL, RDLENGTH,
+/// RDATA): each record's offset and its RDATA.
+fn records(wire: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let len = usize::from(u16::from_be_bytes([
+            *wire.get(at + 10)?,
+            *wire.get(at + 11)?,
+        ]));
+        let rdata = wire.get(at + 12..at + 12 + len)?;
+        let this = at;
+        at += 12 + len;
+        Some((this, rdata))
+    })
 }

@@ -308,28 +308,45 @@ pub fn write_answer(
     limit: usize,
     out: &mut Vec<u8>,
 ) {
+    write_answer_with(msg, query, parts, limit, out, |_, _| 0);
+}
+
+/// [`write_answer`], then `additional(out, limit)` appends records to the additional section
+/// that must end by `limit` bytes and returns how many it wrote. Additional data is never
+/// required (RFC 2181 §9): what does not fit is left out without setting TC, and nothing
+/// is added to a truncated answer.
+pub fn write_answer_with(
+    msg: &[u8],
+    query: &Query,
+    parts: &AnswerParts<'_>,
+    limit: usize,
+    out: &mut Vec<u8>,
+    additional: impl FnOnce(&mut Vec<u8>, usize) -> u16,
+) {
     out.clear();
     out.extend_from_slice(&msg[..query.question_end]);
     let mut flags = response_flags(query.flags, true, parts.rcode);
     let soa_len = parts.soa.map_or(0, |(rr, _)| 2 + rr.len());
     let opt_len = if query.edns.is_some() { 11 } else { 0 };
     let fits = out.len() + parts.answers.len() + soa_len + opt_len <= limit;
-    let (an, ns) = if fits {
+    let (an, ns, ar) = if fits {
         out.extend_from_slice(parts.answers);
         if let Some((rr, apex_label)) = parts.soa {
             let ptr = 0xC000 | query.suffix_offset(apex_label) as u16;
             out.extend_from_slice(&ptr.to_be_bytes());
             out.extend_from_slice(rr);
         }
-        (parts.answer_count, u16::from(parts.soa.is_some()))
+        let ar = additional(out, limit.saturating_sub(opt_len));
+        (parts.answer_count, u16::from(parts.soa.is_some()), ar)
     } else {
         flags |= 0x0200;
-        (0, 0)
+        (0, 0, 0)
     };
     out[2..4].copy_from_slice(&flags.to_be_bytes());
     out[6..8].copy_from_slice(&an.to_be_bytes());
     out[8..10].copy_from_slice(&ns.to_be_bytes());
-    out[10..12].copy_from_slice(&u16::from(query.edns.is_some()).to_be_bytes());
+    let ar = ar + u16::from(query.edns.is_some());
+    out[10..12].copy_from_slice(&ar.to_be_bytes());
     if let Some(e) = query.edns {
         opt_record(out, 0, e.dnssec_ok);
     }

@@ -579,3 +579,172 @@ async fn metrics_are_served_over_http() {
     );
     assert!(body.contains("weir_dns_cache_hits_total 0"), "{body}");
 }
+
+/// (owner, address) of the A records in the additional section.
+fn additional_a(m: &Message) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = m
+        .additionals
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some((r.name.to_ascii(), a.0.to_string())),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_answers_carry_their_targets_addresses_as_additional_records() {
+    let mut dns = start(args(vec![], 300), &[]).await;
+    dns.zone.apply_service(&service(
+        "default",
+        "hello",
+        "10.96.0.20",
+        &[("http", 80), ("https", 443)],
+    ));
+    dns.zone.apply_service(&service("db", "pg", "None", &[]));
+    let pg = [
+        ("10.244.1.5", Some("pg-0"), None),
+        ("10.244.1.6", None, None),
+    ];
+    dns.zone
+        .apply_slice(&slice("db", "pg-1", "pg", &pg, &[("sql", 5432)]));
+    // The same endpoint on another port in a second slice: two SRV records, one target.
+    dns.zone
+        .apply_slice(&slice("db", "pg-2", "pg", &pg[..1], &[("sql", 5433)]));
+    dns.zone.publish();
+
+    // ClusterIP: the Service name, once, whichever port was asked for.
+    let name = "_http._tcp.hello.default.svc.cluster.local.";
+    let m = udp(dns.addr, name, RecordType::SRV).await;
+    assert_eq!(m.answers.len(), 1);
+    assert_eq!(
+        additional_a(&m),
+        [(
+            "hello.default.svc.cluster.local.".to_string(),
+            "10.96.0.20".to_string()
+        )]
+    );
+    assert!(m.edns.is_some(), "the OPT record is still there");
+
+    // Headless: one A per endpoint target, hostname or dashed address; the same over TCP.
+    let want = [
+        ("10-244-1-6.pg.db.svc.cluster.local.", "10.244.1.6"),
+        ("pg-0.pg.db.svc.cluster.local.", "10.244.1.5"),
+    ]
+    .map(|(n, ip)| (n.to_string(), ip.to_string()));
+    let name = "_sql._tcp.pg.db.svc.cluster.local.";
+    let m = udp(dns.addr, name, RecordType::SRV).await;
+    assert_eq!(m.answers.len(), 3);
+    assert_eq!(additional_a(&m), want, "each target once");
+    let m = tcp(dns.addr, &query(name, RecordType::SRV, false)).await;
+    assert_eq!(additional_a(&m), want);
+
+    // An A query gets no additional records.
+    let m = udp(dns.addr, "hello.default.svc.cluster.local.", RecordType::A).await;
+    assert!(additional_a(&m).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_additional_records_that_do_not_fit_udp_are_left_out_without_truncation() {
+    let mut dns = start(args(vec![], 300), &[]).await;
+    // Nine endpoints: their SRV records fit a 512-byte classic UDP answer, their addresses
+    // only partly. Twelve: the SRV records alone do not fit.
+    for (svc, n) in [("big", 9), ("bigger", 12)] {
+        dns.zone.apply_service(&service("db", svc, "None", &[]));
+        let hosts: Vec<(String, String)> = (0..n)
+            .map(|i| (format!("10.244.2.{i}"), format!("h{i}")))
+            .collect();
+        let eps: Vec<(&str, Option<&str>, Option<bool>)> = hosts
+            .iter()
+            .map(|(ip, h)| (ip.as_str(), Some(h.as_str()), None))
+            .collect();
+        dns.zone.apply_slice(&slice(
+            "db",
+            &format!("{svc}-1"),
+            svc,
+            &eps,
+            &[("sql", 5432)],
+        ));
+    }
+    dns.zone.publish();
+    let is_endpoint = |(owner, ip): &(String, String)| {
+        let i = ip.trim_start_matches("10.244.2.");
+        owner == &format!("h{i}.big.db.svc.cluster.local.")
+    };
+
+    let q = query(
+        "_sql._tcp.big.db.svc.cluster.local.",
+        RecordType::SRV,
+        false,
+    );
+    let m = udp_raw(dns.addr, &q, ANSWER_WAIT).await.unwrap();
+    assert!(!m.metadata.truncation, "additional data is never required");
+    assert_eq!(m.answers.len(), 9);
+    let some = additional_a(&m);
+    assert!(!some.is_empty() && some.len() < 9, "{some:?}");
+    assert!(some.iter().all(is_endpoint), "{some:?}");
+    // With EDNS (1232 bytes) and over TCP, every target's address comes along.
+    for m in [
+        udp(
+            dns.addr,
+            "_sql._tcp.big.db.svc.cluster.local.",
+            RecordType::SRV,
+        )
+        .await,
+        tcp(dns.addr, &q).await,
+    ] {
+        let all = additional_a(&m);
+        assert_eq!(all.len(), 9, "{all:?}");
+        assert!(all.iter().all(is_endpoint), "{all:?}");
+    }
+
+    // SRV records that do not fit: TC, and no partial answer or additional data.
+    let q = query(
+        "_sql._tcp.bigger.db.svc.cluster.local.",
+        RecordType::SRV,
+        false,
+    );
+    let m = udp_raw(dns.addr, &q, ANSWER_WAIT).await.unwrap();
+    assert!(m.metadata.truncation);
+    assert!(m.answers.is_empty() && m.additionals.is_empty());
+    let m = tcp(dns.addr, &q).await;
+    assert_eq!((m.answers.len(), additional_a(&m).len()), (12, 12));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srv_additional_records_beyond_pointer_range_spell_out_their_owner() {
+    // 400 targets make a TCP answer of ~19 KB: targets past offset 16383 cannot be named by
+    // a compression pointer.
+    let mut dns = start(args(vec![], 300), &[]).await;
+    dns.zone.apply_service(&service("db", "huge", "None", &[]));
+    let hosts: Vec<(String, String)> = (0..400)
+        .map(|i| {
+            (
+                format!("10.244.{}.{}", 3 + i / 200, i % 200),
+                format!("h{i}"),
+            )
+        })
+        .collect();
+    let eps: Vec<(&str, Option<&str>, Option<bool>)> = hosts
+        .iter()
+        .map(|(ip, h)| (ip.as_str(), Some(h.as_str()), None))
+        .collect();
+    dns.zone
+        .apply_slice(&slice("db", "huge-1", "huge", &eps, &[("sql", 5432)]));
+    dns.zone.publish();
+    let q = query(
+        "_sql._tcp.huge.db.svc.cluster.local.",
+        RecordType::SRV,
+        false,
+    );
+    let m = tcp(dns.addr, &q).await;
+    let mut want: Vec<(String, String)> = hosts
+        .iter()
+        .map(|(ip, h)| (format!("{h}.huge.db.svc.cluster.local."), ip.clone()))
+        .collect();
+    want.sort();
+    assert_eq!(m.answers.len(), 400);
+    assert_eq!(additional_a(&m), want);
+}
