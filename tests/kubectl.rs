@@ -33,7 +33,6 @@ impl Drop for Proc {
 struct Cluster {
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
-    port: u16,
     extra: Vec<String>,
     weir: Option<Proc>,
 }
@@ -44,7 +43,6 @@ impl Cluster {
         let mut c = Cluster {
             kubeconfig: dir.path().join("merged-kubeconfig"),
             dir,
-            port: free_port(),
             extra: extra.to_vec(),
             weir: None,
         };
@@ -65,8 +63,10 @@ impl Cluster {
             .arg("--control-plane-only")
             .arg("--data-dir")
             .arg(self.data_dir())
+            // Port 0 (also after a restart): weir picks a free port and merges the URL into
+            // $KUBECONFIG; a port found free here could be taken before weir binds it.
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("127.0.0.1:0")
             .args(&self.extra)
             .env("KUBECONFIG", &self.kubeconfig)
             .stdout(Stdio::piped())
@@ -74,7 +74,7 @@ impl Cluster {
             .spawn()
             .expect("spawn weir up");
         self.weir = Some(Proc(child));
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ready = self.kubectl(&["get", "--raw", "/readyz"]);
             let ns = self.kubectl(&["get", "namespace", "default"]);
@@ -101,7 +101,7 @@ impl Cluster {
             .status()
             .expect("kill");
         assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = proc.0.try_wait().expect("wait") {
                 assert!(
@@ -259,7 +259,7 @@ fn newcomer_flow(c: &mut Cluster) {
     )
     .expect("write");
     c.ok(&["apply", "-f", watched.to_str().expect("utf8")]);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     while !seen.iter().any(|l: &String| l.starts_with("watched")) {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -546,36 +546,51 @@ struct Etcd {
     _dir: tempfile::TempDir,
 }
 
+/// Starts etcd and waits until its own log says it serves the client port. A port found
+/// free here can be taken by another process before etcd binds it: etcd then exits, and
+/// the start is tried again on fresh ports (a bare connect could reach the other process).
 fn start_etcd() -> Etcd {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
-    let child = Command::new("/usr/bin/etcd")
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn etcd");
-    let proc = Proc(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-        assert!(Instant::now() < deadline, "etcd did not start");
-        std::thread::sleep(Duration::from_millis(100));
+    let mut last_log = String::new();
+    for _ in 0..3 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let log_path = dir.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path).expect("log");
+        let child = Command::new("/usr/bin/etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn etcd");
+        let mut proc = Proc(child);
+        let serving = format!("serving insecure client requests on 127.0.0.1:{client},");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            last_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if last_log.contains(&serving) {
+                return Etcd {
+                    _proc: proc,
+                    url,
+                    _dir: dir,
+                };
+            }
+            if proc.0.try_wait().expect("wait").is_some() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "etcd did not start: {last_log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
-    Etcd {
-        _proc: proc,
-        url,
-        _dir: dir,
-    }
+    panic!("etcd exited at start three times; last log: {last_log}");
 }
 
 #[test]

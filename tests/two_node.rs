@@ -18,7 +18,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{cgroup2_root, remove_cgroup_tree, run_ok};
+use common::{cgroup2_root, kill_and_remove_cgroups, run_ok};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 const SERVER_IP: &str = "172.30.77.1";
@@ -107,7 +107,7 @@ impl Cluster {
             .spawn()
             .expect("spawn weir server");
         self.server = Some(child);
-        self.wait_for("the API server", Duration::from_secs(30), || {
+        self.wait_for("the API server", Duration::from_secs(60), || {
             self.data("server/kubeconfig").exists() && self.kubectl(&["get", "ns"]).status.success()
         });
     }
@@ -255,7 +255,7 @@ impl Cluster {
     fn curl_from_pod(&self, uid: &str, url: &str) -> String {
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/weir-{uid}"))
-            .args(["curl", "-s", "-m", "3", url])
+            .args(["curl", "-s", "-m", "10", url])
             .output()
             .expect("run curl");
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -319,17 +319,7 @@ impl Drop for Cluster {
             stop(server);
         }
         // Agents leave pods running when they stop: end every process in the test's cgroups.
-        let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
-        std::thread::sleep(Duration::from_millis(200));
-        let mut hierarchies = vec![self.cgroup.clone()];
-        if let Some(name) = self.cgroup.file_name() {
-            for v1 in ["cpu", "memory"] {
-                hierarchies.push(Path::new("/sys/fs/cgroup").join(v1).join(name));
-            }
-        }
-        for root in hierarchies {
-            remove_cgroup_tree(&root);
-        }
+        kill_and_remove_cgroups(&self.cgroup);
         // The pods' namespaces, named after the pods each agent recorded in its state dir.
         for host in &self.hosts {
             let pods = self.data(&format!("{}-state/pods", host.node));
@@ -399,14 +389,14 @@ fn two_nodes_spread_pods_reach_each_other_and_a_dead_node_is_healed() {
     c.server_up();
     c.agent_up(0);
     c.agent_up(1);
-    c.wait_for("both nodes Ready", Duration::from_secs(30), || {
+    c.wait_for("both nodes Ready", Duration::from_secs(60), || {
         c.node_ready("node-a") == "True" && c.node_ready("node-b") == "True"
     });
 
     let path = c.data("echo.yaml");
     std::fs::write(&path, manifest()).expect("write manifest");
     c.kubectl_ok(&["apply", "-f", path.to_str().expect("path")]);
-    c.wait_for("4 ready echo pods", Duration::from_secs(60), || {
+    c.wait_for("4 ready echo pods", Duration::from_secs(120), || {
         let pods = c.pods();
         pods.len() == 4 && pods.values().all(|p| p.3)
     });
@@ -426,9 +416,16 @@ fn two_nodes_spread_pods_reach_each_other_and_a_dead_node_is_healed() {
     assert_eq!(ips.len(), 4, "each pod has its own IP: {pods:?}");
 
     // Pod to pod across nodes, both ways, by pod IP, without NAT: the echo sees the
-    // caller's own pod IP.
+    // caller's own pod IP. Each agent installs its route to the other node's pod CIDR when
+    // it sees that Node's podCIDR, which may come after the pods are ready.
     for (from, to) in [(&on_a[0], &on_b[0]), (&on_b[0], &on_a[0])] {
-        let body = c.curl_from_pod(&from.2, &format!("http://{}:8080/", to.1));
+        let url = format!("http://{}:8080/", to.1);
+        c.wait_for(
+            "a route to the other node's pods",
+            Duration::from_secs(60),
+            || c.curl_from_pod(&from.2, &url).starts_with("pod="),
+        );
+        let body = c.curl_from_pod(&from.2, &url);
         assert!(
             body.starts_with(&format!("pod={} client={}:", to.0, from.1)),
             "{} ({}) -> {} ({}): {body:?}",
@@ -438,7 +435,7 @@ fn two_nodes_spread_pods_reach_each_other_and_a_dead_node_is_healed() {
             to.1
         );
     }
-    c.wait_for("4 ready endpoints", Duration::from_secs(20), || {
+    c.wait_for("4 ready endpoints", Duration::from_secs(60), || {
         c.ready_endpoints().len() == 4
     });
     let addresses = c.kubectl_ok(&[
@@ -453,23 +450,29 @@ fn two_nodes_spread_pods_reach_each_other_and_a_dead_node_is_healed() {
         "node IPs"
     );
     // The API server in host A proxies `kubectl logs` to node B's agent.
-    let logs = c.kubectl_ok(&["logs", "-n", "two", &on_b[0].0]);
-    assert!(logs.contains("weir echo serving"), "kubectl logs: {logs:?}");
+    c.wait_for(
+        "weir echo's log line through node B",
+        Duration::from_secs(60),
+        || {
+            let out = c.kubectl(&["logs", "-n", "two", &on_b[0].0]);
+            String::from_utf8_lossy(&out.stdout).contains("weir echo serving")
+        },
+    );
 
     // Node B dies.
     c.kill_node_b();
-    c.wait_for("node-b NotReady", Duration::from_secs(30), || {
+    c.wait_for("node-b NotReady", Duration::from_secs(60), || {
         c.node_ready("node-b") == "Unknown"
     });
     c.wait_for(
         "node-b's pods out of the ready endpoints",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || c.ready_endpoints().iter().all(|(_, node)| node == "node-a"),
     );
     // After the toleration, node-b's pods are evicted and replaced on node-a.
     c.wait_for(
         "4 ready echo pods on node-a",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || {
             let pods = c.pods();
             pods.len() == 4 && pods.values().all(|p| p.0 == "node-a" && p.3)
@@ -477,7 +480,7 @@ fn two_nodes_spread_pods_reach_each_other_and_a_dead_node_is_healed() {
     );
     c.wait_for(
         "4 ready endpoints on node-a",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || {
             let eps = c.ready_endpoints();
             eps.len() == 4 && eps.iter().all(|(_, node)| node == "node-a")

@@ -12,14 +12,17 @@
 //! namespace, cgroup, pin and process it makes is removed on drop, even on failure.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{cgroup2_root, remove_cgroup_tree, run_ok};
+use common::{cgroup2_root, kill_and_remove_cgroups, run_ok};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+/// curl's `-m` for requests that must succeed: generous, as a loaded CI machine can stall
+/// a process for seconds; a request that works takes milliseconds.
+const CURL_MAX_S: &str = "10";
 
 /// Everything the test creates, torn down in reverse on drop.
 struct Node {
@@ -114,7 +117,7 @@ impl Node {
             .spawn()
             .expect("spawn weir up");
         self.weir = Some(child);
-        self.wait_for("the node to be Ready", Duration::from_secs(60), || {
+        self.wait_for("the node to be Ready", Duration::from_secs(120), || {
             let out = self.kubectl(&[
                 "get",
                 "node",
@@ -217,17 +220,7 @@ impl Drop for Node {
             let _ = weir.wait();
         }
         // Whatever is left in the test's cgroups goes, then the cgroups themselves.
-        let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
-        std::thread::sleep(Duration::from_millis(200));
-        let mut hierarchies = vec![self.cgroup.clone()];
-        for v1 in ["cpu", "memory"] {
-            if let Some(name) = self.cgroup.file_name() {
-                hierarchies.push(Path::new("/sys/fs/cgroup").join(v1).join(name));
-            }
-        }
-        for root in hierarchies {
-            remove_cgroup_tree(&root);
-        }
+        kill_and_remove_cgroups(&self.cgroup);
         let _ = std::fs::remove_dir_all(&self.bpf_root);
         // Pod namespaces of this node (one per pod directory the agent keeps), then the node
         // namespace; never another test's pods.
@@ -305,11 +298,15 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
         "-o",
         "jsonpath={.items[0].metadata.name}",
     ]);
-    let logs = node.kubectl_ok(&["logs", "-n", "hello", &pod]);
-    assert!(logs.contains("weir echo serving"), "kubectl logs: {logs:?}");
+    // A pod without a readiness probe is Ready once its process runs, which can be before
+    // that process has written its first line.
+    node.wait_for("weir echo's log line", Duration::from_secs(60), || {
+        let out = node.kubectl(&["logs", "-n", "hello", &pod]);
+        String::from_utf8_lossy(&out.stdout).contains("weir echo serving")
+    });
     node.wait_for(
         "the Service in the BPF maps",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || {
             node.in_pod(
                 &pod_netns,
@@ -324,7 +321,13 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     for ip in &ips {
         let out = node.in_pod(
             &pod_netns,
-            &["curl", "-s", "-m", "2", &format!("http://{ip}:8080/")],
+            &[
+                "curl",
+                "-s",
+                "-m",
+                CURL_MAX_S,
+                &format!("http://{ip}:8080/"),
+            ],
         );
         let body = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
@@ -338,7 +341,13 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     for _ in 0..12 {
         let out = node.in_pod(
             &pod_netns,
-            &["curl", "-s", "-m", "2", &format!("http://{cluster_ip}/")],
+            &[
+                "curl",
+                "-s",
+                "-m",
+                CURL_MAX_S,
+                &format!("http://{cluster_ip}/"),
+            ],
         );
         let body = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
@@ -359,12 +368,16 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
 
     // Cluster DNS at 10.96.0.10, itself reached through the load balancer.
     let dig = |args: &[&str]| {
-        let mut argv = vec!["dig", "+time=2", "+tries=2", "@10.96.0.10"];
+        let mut argv = vec!["dig", "+time=5", "+tries=3", "@10.96.0.10"];
         argv.extend_from_slice(args);
         String::from_utf8_lossy(&node.in_pod(&pod_netns, &argv).stdout).into_owned()
     };
-    let a = dig(&["+short", "hello.hello.svc.cluster.local"]);
-    assert_eq!(a.trim(), cluster_ip, "A record");
+    // The DNS server learns the Service from its own watch, independently of the LB.
+    node.wait_for(
+        "the Service in cluster DNS",
+        Duration::from_secs(60),
+        || dig(&["+short", "hello.hello.svc.cluster.local"]).trim() == cluster_ip,
+    );
     // The short name through the pod's own resolv.conf (search path, ndots:5).
     let procs = node.cgroup.join(format!("e2e/pod{uid}/echo/cgroup.procs"));
     let procs = std::fs::read_to_string(&procs).expect("the echo container's cgroup.procs");
@@ -386,23 +399,29 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     let ptr = dig(&["+short", "-x", &cluster_ip]);
     assert_eq!(ptr.trim(), "hello.hello.svc.cluster.local.", "PTR");
 
-    // Ingress on the node's port 80.
-    let mut ingress_pods = BTreeSet::new();
-    for _ in 0..9 {
+    // Ingress on the node's port 80, once the proxy has the route and its endpoints.
+    let ingress = || {
         let out = Command::new("nsenter")
             .arg(node.netns())
             .args([
                 "curl",
                 "-s",
                 "-m",
-                "2",
+                CURL_MAX_S,
                 "-H",
                 "Host: hello.example.com",
                 "http://127.0.0.1/",
             ])
             .output()
             .expect("curl ingress");
-        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    node.wait_for("the Ingress route", Duration::from_secs(60), || {
+        ingress().starts_with("pod=hello-")
+    });
+    let mut ingress_pods = BTreeSet::new();
+    for _ in 0..9 {
+        let body = ingress();
         assert!(body.starts_with("pod=hello-"), "ingress: {body:?}");
         ingress_pods.insert(
             body.split_whitespace()
@@ -445,7 +464,7 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     let https = |host: &str| {
         Command::new("nsenter")
             .arg(node.netns())
-            .args(["curl", "-s", "-m", "2", "--cacert"])
+            .args(["curl", "-s", "-m", CURL_MAX_S, "--cacert"])
             .arg(&cert)
             .arg("--resolve")
             .arg(format!("{host}:443:127.0.0.1"))
@@ -455,7 +474,7 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     };
     node.wait_for(
         "HTTPS with the Secret's certificate",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || String::from_utf8_lossy(&https("hello.example.com").stdout).starts_with("pod=hello-"),
     );
     // Another name does not get hello.example.com's certificate.
@@ -489,12 +508,12 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     let from_outside = || {
         Command::new("ip")
             .args(["netns", "exec", &node.client])
-            .args(["curl", "-s", "-m", "2"])
+            .args(["curl", "-s", "-m", CURL_MAX_S])
             .arg(format!("http://172.30.0.2:{node_port}/"))
             .output()
             .expect("curl NodePort")
     };
-    node.wait_for("the NodePort from outside", Duration::from_secs(20), || {
+    node.wait_for("the NodePort from outside", Duration::from_secs(60), || {
         from_outside().status.success()
     });
     let mut node_port_pods = BTreeSet::new();
@@ -529,9 +548,9 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     );
 
     // Deleting the Service removes its name (the issue asks for within a second; this waits
-    // up to 5 s and asserts no timing).
+    // up to 30 s and asserts no timing).
     node.kubectl_ok(&["delete", "svc", "hello", "-n", "hello"]);
-    node.wait_for("NXDOMAIN after delete", Duration::from_secs(5), || {
+    node.wait_for("NXDOMAIN after delete", Duration::from_secs(30), || {
         dig(&["hello.hello.svc.cluster.local"]).contains("status: NXDOMAIN")
     });
 }
