@@ -2,10 +2,16 @@
 //! through HTTPS and kube-rs:
 //! 10,000 Service creates from 16 concurrent clients (objects/s, p50/p99), then the delay
 //! from a write to its event at each of 100 watchers (p50/p99), beside the latency of those
-//! writes alone and etcd's WAL fsync count and mean time in each phase (the disk is shared).
-//! Writes the `api` section of `docs/benchmarks.md`.
+//! writes alone and etcd's WAL fsync count and mean time in each phase (the disk is shared);
+//! then, on a fresh store, sequential merge PATCHes of one EndpointSlice with N Services and
+//! their slices stored, for each N of `--patch-sizes` (a single-object write must not cost
+//! more as the store grows). Writes the `api` section of `docs/benchmarks.md`.
 //!
 //! `cargo run --release -p weir-bench --bin api_bench [-- --services N --clients C --watchers W]`
+//!
+//! `--kubeconfig K1,K2` runs only the PATCH phase, against the servers these kubeconfigs
+//! name (`weir server`s being profiled, say; one per size of `--patch-sizes`), and prints
+//! its figures without touching the docs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use futures::StreamExt;
+use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service};
-use kube::api::{Api, PostParams, WatchEvent, WatchParams};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
 use tokio::sync::Mutex;
 use weir_apiserver::{Config, Server, kubeconfig};
@@ -36,6 +44,16 @@ struct Args {
     /// Writes whose events the watchers time.
     #[arg(long, default_value_t = 200)]
     writes: usize,
+    /// Services (each with one EndpointSlice) stored before each round of PATCHes.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    patch_sizes: Vec<usize>,
+    /// Sequential PATCHes timed at each size.
+    #[arg(long, default_value_t = 500)]
+    patches: usize,
+    /// Run only the PATCH phase, against the servers of these kubeconfigs (one per size of
+    /// `--patch-sizes`, in turns as in the full run).
+    #[arg(long, value_delimiter = ',')]
+    kubeconfig: Vec<std::path::PathBuf>,
 }
 
 fn ms(d: Duration) -> String {
@@ -86,7 +104,168 @@ struct Figures {
     fsyncs: Option<(String, String)>,
 }
 
-/// Both phases against an API server on `store`; `etcd_url` to read etcd's fsync metrics.
+/// An in-process API server on a store, with an admin client; stopped by [`Served::stop`].
+struct Served {
+    client: kube::Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<Result<(), weir_apiserver::ServeError>>,
+    dir: std::path::PathBuf,
+}
+
+impl Served {
+    async fn start(store: Arc<dyn Store>, name: &str) -> anyhow::Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("weir-api-bench-{}-{name}", std::process::id()));
+        let mut config = Config::new(dir.clone(), store);
+        config.listen = "127.0.0.1:0".parse()?;
+        let server = Server::bind(config).await?;
+        let path = dir.join("kubeconfig");
+        kubeconfig::write(
+            &path,
+            &kubeconfig::Entry {
+                name: "bench",
+                user: "admin",
+                server: &server.url(),
+                ca_pem: &server.pki().ca_pem,
+                token: &server.pki().admin_token,
+            },
+        )?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        let client = client_of(&path).await?;
+        Ok(Self {
+            client,
+            stop,
+            serving,
+            dir,
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.serving.await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A client of the server `path` names, once that server has created the `default`
+/// namespace. It does not retry 503/504 answers as kube-rs does by default: a figure must
+/// not hide a failed write (nor a retried create's AlreadyExists).
+async fn client_of(path: &std::path::Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(path)?;
+    let mut client_config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    client_config.default_retry = false;
+    let client = kube::Client::try_from(client_config)?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ready = Instant::now();
+    while namespaces.get("default").await.is_err() {
+        anyhow::ensure!(
+            ready.elapsed() < Duration::from_secs(20),
+            "server not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(client)
+}
+
+/// PATCH round trips with `n` Services and their EndpointSlices stored: (n, p50, p99).
+type PatchRow = (usize, Duration, Duration);
+
+/// Endpoints of a slice: a fixed one and `10.244.0.<last>`.
+fn endpoints(last: u8) -> serde_json::Value {
+    json!([
+        {"addresses": ["10.244.0.10"], "conditions": {"ready": true}},
+        {"addresses": [format!("10.244.0.{last}")], "conditions": {"ready": true}},
+    ])
+}
+
+/// Tops the `default` namespace up to `n` Services `svc-i`, each with one EndpointSlice
+/// `svc-i-x`, 16 creates in flight.
+async fn fill(client: &kube::Client, n: usize) -> anyhow::Result<()> {
+    let svcs: Api<Service> = Api::namespaced(client.clone(), "default");
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+    // Already there from an earlier run against the same server (`--kubeconfig`): the
+    // objects are the same by construction.
+    let exists = |r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        r => r,
+    };
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (svcs, slices) = (svcs.clone(), slices.clone());
+            async move {
+                let svc: Service = serde_json::from_value(json!({
+                    "metadata": {"name": format!("svc-{i}")},
+                    "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+                }))?;
+                exists(svcs.create(&PostParams::default(), &svc).await.map(drop))?;
+                let slice: EndpointSlice = serde_json::from_value(json!({
+                    "metadata": {"name": format!("svc-{i}-x"),
+                                 "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": endpoints(11),
+                }))?;
+                exists(
+                    slices
+                        .create(&PostParams::default(), &slice)
+                        .await
+                        .map(drop),
+                )?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await
+        .with_context(|| format!("storing {n} Services and EndpointSlices"))?;
+    eprintln!(
+        "  {n} Services + slices stored in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Times `patches` sequential JSON merge PATCHes on each target, a server holding `n`
+/// Services filled by [`fill`]: each swaps an endpoint of the last slice, as the load
+/// balancer benchmark's endpoint changes do. The targets take turns, one PATCH each, so a
+/// burst of load on this shared machine falls on all of them alike.
+async fn patch_rounds(
+    targets: &[(usize, kube::Client)],
+    patches: usize,
+) -> anyhow::Result<Vec<PatchRow>> {
+    let mut lat = vec![Vec::with_capacity(patches); targets.len()];
+    // Round 0 is not timed: it warms each connection and the servers' code paths.
+    for k in 0..=patches {
+        for ((n, client), lat) in targets.iter().zip(&mut lat) {
+            let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "default");
+            let name = format!("svc-{}-x", n - 1);
+            let patch = json!({"endpoints": endpoints(12 + (k % 2) as u8)});
+            let t = Instant::now();
+            slices
+                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .with_context(|| format!("PATCH {name}"))?;
+            if k > 0 {
+                lat.push(t.elapsed());
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for ((n, _), lat) in targets.iter().zip(&mut lat) {
+        let p50 = percentile(lat, 50.0).unwrap_or_default();
+        let p99 = percentile(lat, 99.0).unwrap_or_default();
+        println!("  {n} Services: PATCH p50 {}, p99 {}", ms(p50), ms(p99));
+        rows.push((*n, p50, p99));
+    }
+    Ok(rows)
+}
+
+/// Creates and watch delivery against an API server on `store`; `etcd_url` to read etcd's
+/// fsync metrics.
 async fn run(
     args: &Args,
     store: Arc<dyn Store>,
@@ -97,40 +276,9 @@ async fn run(
         Some(url) => wal_fsyncs(url).await.map(Some),
         None => Ok(None),
     };
-    let dir = std::env::temp_dir().join(format!("weir-api-bench-{}-{name}", std::process::id()));
-    let mut config = Config::new(dir.clone(), store);
-    config.listen = "127.0.0.1:0".parse()?;
-    let server = Server::bind(config).await?;
-    let path = dir.join("kubeconfig");
-    kubeconfig::write(
-        &path,
-        &kubeconfig::Entry {
-            name: "bench",
-            user: "admin",
-            server: &server.url(),
-            ca_pem: &server.pki().ca_pem,
-            token: &server.pki().admin_token,
-        },
-    )?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    let kc = kube::config::Kubeconfig::read_from(&path)?;
-    let client_config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    let client = kube::Client::try_from(client_config)?;
-
-    // The `default` namespace appears once the server has bootstrapped.
+    let served = Served::start(store, name).await?;
+    let client = served.client.clone();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ready = Instant::now();
-    while namespaces.get("default").await.is_err() {
-        anyhow::ensure!(
-            ready.elapsed() < Duration::from_secs(20),
-            "server not ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     // Phase 1: creates.
     let fsyncs_start = fsyncs().await?;
@@ -254,9 +402,7 @@ async fn run(
         println!("{name}: during creates: {creates}; during watched writes: {watch}");
     }
 
-    let _ = stop.send(());
-    let _ = serving.await;
-    let _ = std::fs::remove_dir_all(&dir);
+    served.stop().await;
     Ok(Figures {
         creates: format!("{rate:.0} objects/s in {:.2} s", elapsed.as_secs_f64()),
         create_latency: format!("{} / {}", ms(c50), ms(c99)),
@@ -264,6 +410,37 @@ async fn run(
         writes: format!("p50 {} / p99 {}", ms(wr50), ms(wr99)),
         fsyncs,
     })
+}
+
+/// The PATCH phase on one backend: an in-process API server on each of `stores` (fresh,
+/// one per size of `--patch-sizes`), filled, then PATCHed in turns.
+async fn patch_run(
+    args: &Args,
+    name: &str,
+    stores: Vec<Arc<dyn Store>>,
+) -> anyhow::Result<Vec<PatchRow>> {
+    println!("{name}: PATCH of one EndpointSlice");
+    let mut servers = Vec::new();
+    let rows = async {
+        for (&n, store) in args.patch_sizes.iter().zip(stores) {
+            let served = Served::start(store, &format!("{name}-{n}")).await?;
+            let client = served.client.clone();
+            servers.push(served);
+            fill(&client, n).await?;
+        }
+        let targets: Vec<_> = args
+            .patch_sizes
+            .iter()
+            .zip(&servers)
+            .map(|(n, s)| (*n, s.client.clone()))
+            .collect();
+        patch_rounds(&targets, args.patches).await
+    }
+    .await;
+    for served in servers {
+        served.stop().await;
+    }
+    rows
 }
 
 #[tokio::main]
@@ -275,18 +452,74 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "unknown".into());
 
+    anyhow::ensure!(
+        args.patch_sizes.windows(2).all(|w| w[0] < w[1]) && args.patch_sizes.first() > Some(&0),
+        "--patch-sizes must be positive and ascending"
+    );
+    if !args.kubeconfig.is_empty() {
+        anyhow::ensure!(
+            args.kubeconfig.len() == args.patch_sizes.len(),
+            "--kubeconfig needs one server per size of --patch-sizes"
+        );
+        let mut targets = Vec::new();
+        for (&n, path) in args.patch_sizes.iter().zip(&args.kubeconfig) {
+            let client = client_of(path).await?;
+            fill(&client, n).await?;
+            targets.push((n, client));
+        }
+        patch_rounds(&targets, args.patches).await?;
+        return Ok(());
+    }
+
     let etcd = EtcdProcess::start().await.context("starting etcd")?;
     let store = EtcdStore::connect(&[etcd.client_url()])
         .await
         .context("connecting to etcd")?;
     let on_etcd = run(&args, Arc::new(store), Some(&etcd.client_url()), "etcd").await?;
     drop(etcd);
+    // The PATCH phase gets fresh stores, so N is exactly what each holds.
+    let mut etcds = Vec::new();
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    for _ in &args.patch_sizes {
+        let etcd = EtcdProcess::start().await.context("starting etcd")?;
+        let store = EtcdStore::connect(&[etcd.client_url()])
+            .await
+            .context("connecting to etcd")?;
+        stores.push(Arc::new(store));
+        etcds.push(etcd);
+    }
+    let etcd_patches = patch_run(&args, "etcd", stores).await?;
+    drop(etcds);
+
     let store_dir =
         std::env::temp_dir().join(format!("weir-api-bench-{}-store", std::process::id()));
-    let embedded = EmbeddedStore::open(store_dir.join("store.redb"))?;
-    let on_embedded = run(&args, Arc::new(embedded), None, "embedded").await;
+    let on_embedded = async {
+        let embedded = EmbeddedStore::open(store_dir.join("store.redb"))?;
+        let figures = run(&args, Arc::new(embedded), None, "embedded").await?;
+        let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+        for n in &args.patch_sizes {
+            let path = store_dir.join(format!("patch-{n}.redb"));
+            stores.push(Arc::new(EmbeddedStore::open(path)?));
+        }
+        let patches = patch_run(&args, "embedded", stores).await?;
+        anyhow::Ok((figures, patches))
+    }
+    .await;
     let _ = std::fs::remove_dir_all(&store_dir);
-    let on_embedded = on_embedded?;
+    let (on_embedded, embedded_patches) = on_embedded?;
+    let mut patch_table = String::from(
+        "| Services + EndpointSlices stored | etcd PATCH p50 / p99 | embedded PATCH p50 / p99 |\n\
+         |---:|---|---|\n",
+    );
+    for ((n, e50, e99), (_, m50, m99)) in etcd_patches.iter().zip(&embedded_patches) {
+        patch_table.push_str(&format!(
+            "| {n} | {} / {} | {} / {} |\n",
+            ms(*e50),
+            ms(*e99),
+            ms(*m50),
+            ms(*m99)
+        ));
+    }
 
     let (fsyncs_creates, fsyncs_watch) = on_etcd.fsyncs.clone().unwrap_or_default();
     let md = format!(
@@ -306,7 +539,12 @@ async fn main() -> anyhow::Result<()> {
          at each watcher, so it includes the write itself (next row), which waits for the \
          store's fsync. etcd during the creates: {fsyncs_creates}; during the watched writes: \
          {fsyncs_watch}. 1-minute load average when the run started: {load} (other work \
-         shares the 2 cores and the disk).\n",
+         shares the 2 cores and the disk).\n\n\
+         A single-object write must cost the same however many objects are stored: on a fresh \
+         store the harness stores N Services, each with an EndpointSlice, then times \
+         {patches} sequential JSON merge PATCHes (request → response) that swap one endpoint \
+         of the last slice, as the load balancer benchmark's endpoint changes do.\n\n\
+         {patch_table}",
         services = args.clients * (args.services / args.clients),
         clients = args.clients,
         watchers = args.watchers,
@@ -319,6 +557,7 @@ async fn main() -> anyhow::Result<()> {
         mw = on_embedded.watch,
         ewr = on_etcd.writes,
         mwr = on_embedded.writes,
+        patches = args.patches,
     );
     write_section("api", &md)?;
     Ok(())
