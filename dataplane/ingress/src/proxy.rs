@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,10 @@ pub struct ConnInfo {
     pub tls: bool,
     xff: HeaderValue,
     forwarded: String,
+    /// The `Forwarded` value for the host of the connection's last request: a keep-alive
+    /// connection's requests nearly always name one host, so it is built once, not per
+    /// request.
+    forwarded_host: Mutex<Option<(HeaderValue, HeaderValue)>>,
 }
 
 impl ConnInfo {
@@ -84,7 +88,23 @@ impl ConnInfo {
             tls,
             xff,
             forwarded,
+            forwarded_host: Mutex::new(None),
         }
+    }
+
+    /// `Forwarded` naming `host` (a value without quotes or backslashes).
+    fn forwarded_for(&self, host: &HeaderValue, host_str: &str) -> Option<HeaderValue> {
+        let mut last = self.forwarded_host.lock().ok();
+        if let Some(Some((h, f))) = last.as_deref()
+            && h == host
+        {
+            return Some(f.clone());
+        }
+        let f = HeaderValue::try_from(format!("{};host=\"{host_str}\"", self.forwarded)).ok()?;
+        if let Some(last) = last.as_mut() {
+            **last = Some((host.clone(), f.clone()));
+        }
+        Some(f)
     }
 }
 
@@ -560,20 +580,20 @@ impl Proxy {
         headers.insert(X_FORWARDED_FOR.clone(), conn.xff.clone());
         let proto = if conn.tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-        let host = host
-            .and_then(|h| h.to_str().ok())
-            .filter(|h| !h.contains(['"', '\\']));
+        let host = host.and_then(|h| {
+            h.to_str()
+                .ok()
+                .filter(|s| !s.contains(['"', '\\']))
+                .map(|s| (h, s))
+        });
         let forwarded = match host {
-            Some(h) => {
-                headers.insert(
-                    X_FORWARDED_HOST.clone(),
-                    HeaderValue::try_from(h).unwrap_or(HeaderValue::from_static("")),
-                );
-                HeaderValue::try_from(format!("{};host=\"{h}\"", conn.forwarded))
+            Some((h, s)) => {
+                headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+                conn.forwarded_for(h, s)
             }
-            None => HeaderValue::try_from(conn.forwarded.as_str()),
+            None => HeaderValue::try_from(conn.forwarded.as_str()).ok(),
         };
-        if let Ok(f) = forwarded {
+        if let Some(f) = forwarded {
             headers.insert(FORWARDED.clone(), f);
         }
     }
@@ -743,6 +763,22 @@ mod tests {
             "v4-mapped shown as v4"
         );
         assert_eq!(c.xff, "10.0.0.1");
+    }
+
+    #[test]
+    fn forwarded_follows_the_host_of_each_request() {
+        let c = ConnInfo::new("10.0.0.1:5000".parse().expect("addr"), false);
+        let a = HeaderValue::from_static("a.example");
+        let b = HeaderValue::from_static("b.example");
+        for (h, want) in [
+            (&a, "for=10.0.0.1;proto=http;host=\"a.example\""),
+            (&a, "for=10.0.0.1;proto=http;host=\"a.example\""),
+            (&b, "for=10.0.0.1;proto=http;host=\"b.example\""),
+            (&a, "for=10.0.0.1;proto=http;host=\"a.example\""),
+        ] {
+            let got = c.forwarded_for(h, h.to_str().expect("ascii"));
+            assert_eq!(got.as_ref().and_then(|v| v.to_str().ok()), Some(want));
+        }
     }
 
     #[test]
