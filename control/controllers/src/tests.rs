@@ -472,18 +472,23 @@ async fn deployment_service_scheduling_healing_rollout_and_rollback() {
     .await;
 }
 
-/// Renews the node's Lease an hour into the future: however loaded the machine, however far
-/// behind the controller's watch, the node does not lapse during the test. (A heartbeat task
-/// renewing every 500 ms against a 2 s grace period made the live node lapse too under load.)
-async fn keep_alive(client: &Client, node: &str) {
+/// Sets the node's Lease renewTime `hours` from now. An hour ahead keeps the node alive
+/// however loaded the machine and however far behind the controller's watch (a heartbeat
+/// task renewing every 500 ms against a 2 s grace period let live nodes lapse under load);
+/// an hour back is an agent that died long ago.
+async fn renewed(client: &Client, node: &str, hours: i64) {
     let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
-    let until =
-        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(1);
-    let patch = json!({"spec": {"renewTime": until.to_string()}});
+    let at =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(hours);
+    let patch = json!({"spec": {"renewTime": at.to_string()}});
     leases
         .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .expect("renew lease");
+}
+
+async fn keep_alive(client: &Client, node: &str) {
+    renewed(client, node, 1).await;
 }
 
 /// Writes what a node agent reports for a started pod: Running, Ready, an IP.
@@ -506,11 +511,9 @@ async fn a_silent_node_turns_unreachable_and_its_pods_move() {
         },
     };
     let c = start(config).await;
+    // Both replicas start on node-a, the only node.
     add_node(&c.client, "node-a").await;
-    add_node(&c.client, "node-b").await;
-    // node-a's agent is "killed": no heartbeat, no pod status; node-b lives on.
-    keep_alive(&c.client, "node-b").await;
-    tokio::spawn(kubelet(c.client.clone(), &["node-b"]));
+    keep_alive(&c.client, "node-a").await;
     let rs: ReplicaSet = serde_json::from_value(json!({
         "metadata": {"name": "web"},
         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
@@ -522,7 +525,6 @@ async fn a_silent_node_turns_unreachable_and_its_pods_move() {
     sets.create(&PostParams::default(), &rs)
         .await
         .expect("create rs");
-
     let client = c.client.clone();
     let on_node = |node: &'static str| {
         let client = client.clone();
@@ -530,22 +532,41 @@ async fn a_silent_node_turns_unreachable_and_its_pods_move() {
             let client = client.clone();
             async move {
                 let pods = active_pods(&client).await;
-                let n = pods
+                let on = pods
                     .iter()
                     .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-                    .count();
-                (pods.len() == 2 && n == 2).then_some(())
+                    .map(|p| p.name_any())
+                    .collect::<Vec<_>>();
+                (pods.len() == 2 && on.len() == 2).then_some(on)
             }
         }
     };
-    // Within the grace period a pod may land on node-a; after it, node-a is tainted
-    // unreachable, its pods are evicted and the ReplicaSet's replacements go to node-b.
+    let first = wait_for(
+        "both replicas on node-a",
+        Duration::from_secs(60),
+        on_node("node-a"),
+    )
+    .await;
+
+    // node-b joins; node-a's agent is "killed": its lease was last renewed long ago.
+    add_node(&c.client, "node-b").await;
+    keep_alive(&c.client, "node-b").await;
+    tokio::spawn(kubelet(c.client.clone(), &["node-b"]));
+    renewed(&c.client, "node-a", -1).await;
+
+    // node-a turns unreachable, its pods are evicted (they stay terminating: no agent
+    // finishes them) and the ReplicaSet's replacements go to node-b.
     wait_for(
         "both replicas on node-b",
         Duration::from_secs(120),
         on_node("node-b"),
     )
     .await;
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    for name in &first {
+        let p = pods.get(name).await.expect("evicted pod");
+        assert!(p.metadata.deletion_timestamp.is_some(), "{name} evicted");
+    }
     let nodes: Api<Node> = Api::all(c.client.clone());
     let a = nodes.get("node-a").await.expect("node-a");
     let taints = a.spec.and_then(|s| s.taints).unwrap_or_default();
