@@ -132,7 +132,7 @@ async fn failed_scheduling(events: &Api<Event>, pod: &str) -> Vec<String> {
             })
             .filter_map(|e| e.message)
             .collect();
-        if !found.is_empty() || start.elapsed() > Duration::from_secs(10) {
+        if !found.is_empty() || start.elapsed() > Duration::from_secs(30) {
             return found;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -159,7 +159,7 @@ async fn unschedulable_pods_get_an_event_and_are_retried_on_node_and_pod_changes
     // A node that fits arrives: the pod is bound without waiting for the periodic retry.
     add_node(&c.client, "large", "4").await;
     assert_eq!(
-        node_of(&pods, "big", Duration::from_secs(10))
+        node_of(&pods, "big", Duration::from_secs(30))
             .await
             .as_deref(),
         Some("large")
@@ -169,12 +169,12 @@ async fn unschedulable_pods_get_an_event_and_are_retried_on_node_and_pod_changes
     create_pod(&pods, "fill", "2").await;
     create_pod(&pods, "one", "1").await;
     assert!(
-        node_of(&pods, "fill", Duration::from_secs(10))
+        node_of(&pods, "fill", Duration::from_secs(30))
             .await
             .is_some()
     );
     assert!(
-        node_of(&pods, "one", Duration::from_secs(10))
+        node_of(&pods, "one", Duration::from_secs(30))
             .await
             .is_some()
     );
@@ -188,7 +188,7 @@ async fn unschedulable_pods_get_an_event_and_are_retried_on_node_and_pod_changes
         .await
         .unwrap();
     assert_eq!(
-        node_of(&pods, "waiting", Duration::from_secs(10))
+        node_of(&pods, "waiting", Duration::from_secs(30))
             .await
             .as_deref(),
         Some("small")
