@@ -2,9 +2,10 @@
 //! route out of it), then `examples/hello.yaml` through the real kubectl. Checks what a user
 //! would: pods Running with their own IPs, each answering on it from inside a pod; from
 //! inside a pod, the ClusterIP answers from several pods through the BPF socket load
-//! balancer, cluster DNS answers A/SRV/PTR at 10.96.0.10, and `getent hosts hello` resolves
-//! through the pod's search path; the ingress routes `Host: hello.example.com` to the pods,
-//! and HTTPS with a TLS Secret chosen by SNI; a NodePort answers a client namespace outside
+//! balancer, cluster DNS answers A, SRV (with its target's address as additional data) and
+//! PTR at 10.96.0.10, and `getent hosts hello` resolves through the pod's search path; the
+//! ingress routes `Host: hello.example.com` to the pods, and HTTPS with a TLS Secret chosen
+//! by SNI; a NodePort answers a client namespace outside
 //! the node with its source address kept; no iptables nat rules exist; `kubectl logs`
 //! reaches the agent; deleting the Service turns its name into NXDOMAIN.
 //!
@@ -395,6 +396,23 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     assert!(
         srv.contains("80 hello.hello.svc.cluster.local."),
         "SRV: {srv}"
+    );
+    // The SRV answer brings its target's address along in the additional section.
+    let additional = dig(&[
+        "+noall",
+        "+additional",
+        "SRV",
+        "_http._tcp.hello.hello.svc.cluster.local",
+    ]);
+    assert!(
+        additional.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() == 5
+                && f[0] == "hello.hello.svc.cluster.local."
+                && f[3] == "A"
+                && f[4] == cluster_ip
+        }),
+        "SRV additional section: {additional}"
     );
     let ptr = dig(&["+short", "-x", &cluster_ip]);
     assert_eq!(ptr.trim(), "hello.hello.svc.cluster.local.", "PTR");
