@@ -258,7 +258,7 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
         "pod",
         "-l",
         "app=hello",
-        "--timeout=90s",
+        "--timeout=180s",
     ]);
     let ips = node.kubectl_ok(&[
         "get",
