@@ -67,7 +67,7 @@ impl LbMetrics {
 
     /// Adds what the BPF counters gained since the last call. `names` maps service ids to the
     /// Service they program; a reused id starts again from zero, which `saturating_sub` absorbs.
-    pub fn update(&self, syncer: &Syncer, names: &HashMap<u32, ServiceRef>) {
+    pub fn update(&self, syncer: &Syncer, names: &HashMap<u32, Arc<ServiceRef>>) {
         let Ok(mut last) = self.last.lock() else {
             return;
         };

@@ -2,8 +2,9 @@
 //! from Services and EndpointSlices as kube-proxy reads them. Pure; no I/O.
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -14,6 +15,9 @@ pub const ALGORITHM_ANNOTATION: &str = "weir.dev/lb-algorithm";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The index of slices by Service is rebuilt on every call; SipHash's DoS resistance buys
+/// nothing for names the API server already validated.
+type FastHash = foldhash::fast::RandomState;
 
 /// Backend selection of a Service.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -86,12 +90,13 @@ pub struct ServiceRef {
     pub port: String,
 }
 
-/// The desired content for one frontend.
+/// The desired content for one frontend. The frontends of one Service port (ClusterIP,
+/// externalIPs, one per node IP) share their `service` and `backends`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
-    pub service: ServiceRef,
+    pub service: Arc<ServiceRef>,
     /// Sorted and unique; empty means "refuse connections".
-    pub backends: Vec<SocketAddrV4>,
+    pub backends: Arc<[SocketAddrV4]>,
     pub algorithm: Algorithm,
     /// `Some(timeout)` for `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
@@ -112,7 +117,8 @@ pub fn desired(
     slices: &[impl Borrow<EndpointSlice>],
     cfg: &ModelConfig,
 ) -> (Desired, Vec<Problem>) {
-    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>, FastHash> =
+        HashMap::with_capacity_and_hasher(slices.len(), FastHash::default());
     for s in slices.iter().map(Borrow::borrow) {
         if s.address_type != "IPv4" {
             continue;
@@ -129,6 +135,11 @@ pub fn desired(
     }
     let mut out = Desired::new();
     let mut problems = Vec::new();
+    // Reused for every Service: most have one address of each kind.
+    let mut cluster_vips: Vec<Ipv4Addr> = Vec::new();
+    let mut external_vips: Vec<Ipv4Addr> = Vec::new();
+    let mut ready = Vec::new();
+    let mut terminating = Vec::new();
     for svc in services.iter().map(Borrow::borrow) {
         let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
         let name = svc.metadata.name.as_deref().unwrap_or_default();
@@ -165,8 +176,8 @@ pub fn desired(
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
         // ClusterIPs follow internalTrafficPolicy; what is reached from outside the cluster
         // (externalIPs, load balancer IPs, NodePorts) follows externalTrafficPolicy.
-        let mut cluster_vips: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        let mut external_vips: BTreeSet<Ipv4Addr> = BTreeSet::new();
+        cluster_vips.clear();
+        external_vips.clear();
         let cluster_ips = spec
             .cluster_ips
             .iter()
@@ -187,17 +198,17 @@ pub fn desired(
                 continue;
             }
             match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(v4)) if external => {
-                    external_vips.insert(v4);
-                }
-                Ok(std::net::IpAddr::V4(v4)) => {
-                    cluster_vips.insert(v4);
-                }
+                Ok(std::net::IpAddr::V4(v4)) if external => external_vips.push(v4),
+                Ok(std::net::IpAddr::V4(v4)) => cluster_vips.push(v4),
                 Ok(std::net::IpAddr::V6(_)) => {}
                 Err(_) => problem(format!(
                     "spec.clusterIPs/externalIPs/status.loadBalancer: {ip:?} is not an IP address"
                 )),
             }
+        }
+        for vips in [&mut cluster_vips, &mut external_vips] {
+            vips.sort_unstable();
+            vips.dedup();
         }
         let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let slices = by_service
@@ -225,13 +236,13 @@ pub fn desired(
                     }
                 },
             };
-            let service = ServiceRef {
+            let service = Arc::new(ServiceRef {
                 namespace: ns.to_string(),
                 name: name.to_string(),
                 port: port.name.clone().unwrap_or_default(),
-            };
+            });
             let mut add = |addrs: &mut dyn Iterator<Item = SocketAddrV4>,
-                           backends: &Vec<SocketAddrV4>| {
+                           backends: &Arc<[SocketAddrV4]>| {
                 for addr in addrs {
                     out.insert(
                         Frontend { addr, proto },
@@ -245,7 +256,12 @@ pub fn desired(
                 }
             };
             if !cluster_vips.is_empty() {
-                let backends = backends_for(port, slices, local(internal_local));
+                let backends = backends_for(
+                    port,
+                    slices,
+                    local(internal_local),
+                    (&mut ready, &mut terminating),
+                );
                 add(
                     &mut cluster_vips.iter().map(|ip| SocketAddrV4::new(*ip, vport)),
                     &backends,
@@ -262,7 +278,12 @@ pub fn desired(
                 .chain(node_addrs)
                 .peekable();
             if external.peek().is_some() {
-                let backends = backends_for(port, slices, local(external_local));
+                let backends = backends_for(
+                    port,
+                    slices,
+                    local(external_local),
+                    (&mut ready, &mut terminating),
+                );
                 add(&mut external, &backends);
             }
         }
@@ -272,16 +293,18 @@ pub fn desired(
 
 /// Ready endpoints of `port`; only when none is ready, the serving terminating ones (KEP-1669).
 /// `local` = `Some(node)` keeps only endpoints on that node (`internalTrafficPolicy` or
-/// `externalTrafficPolicy: Local`).
+/// `externalTrafficPolicy: Local`). `scratch` are buffers reused across calls.
 fn backends_for(
     port: &ServicePort,
     slices: &[&EndpointSlice],
     local: Option<Option<&str>>,
-) -> Vec<SocketAddrV4> {
+    scratch: (&mut Vec<SocketAddrV4>, &mut Vec<SocketAddrV4>),
+) -> Arc<[SocketAddrV4]> {
     let want_name = port.name.as_deref().unwrap_or_default();
     let want_proto = port.protocol.as_deref().unwrap_or("TCP");
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
+    let (ready, terminating) = scratch;
+    ready.clear();
+    terminating.clear();
     for slice in slices {
         let Some(target) = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or_default() == want_name
@@ -309,18 +332,17 @@ fn backends_for(
                 };
                 let b = SocketAddrV4::new(ip, tport);
                 if is_ready && !is_terminating {
-                    ready.insert(b);
+                    ready.push(b);
                 } else if is_serving && is_terminating {
-                    terminating.insert(b);
+                    terminating.push(b);
                 }
             }
         }
     }
-    if ready.is_empty() {
-        terminating.into_iter().collect()
-    } else {
-        ready.into_iter().collect()
-    }
+    let chosen = if ready.is_empty() { terminating } else { ready };
+    chosen.sort_unstable();
+    chosen.dedup();
+    Arc::from(chosen.as_slice())
 }
 
 #[cfg(test)]

@@ -268,11 +268,11 @@ mod tests {
 
     fn want(backends: &[u8], algorithm: Algorithm) -> DesiredFrontend {
         DesiredFrontend {
-            service: ServiceRef {
+            service: std::sync::Arc::new(ServiceRef {
                 namespace: "default".into(),
                 name: "web".into(),
                 port: String::new(),
-            },
+            }),
             backends: backends
                 .iter()
                 .map(|&i| SocketAddrV4::new([10, 244, 0, i].into(), 8080))

@@ -180,7 +180,7 @@ struct WatchState {
     /// The frontends each Service (namespace, name) programmed last time.
     fronts: HashMap<(String, String), Vec<Frontend>>,
     /// Service id → Service port, for metrics labels.
-    names: HashMap<u32, crate::model::ServiceRef>,
+    names: HashMap<u32, std::sync::Arc<crate::model::ServiceRef>>,
     stale: Option<StaleUdp>,
 }
 
