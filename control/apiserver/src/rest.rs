@@ -875,8 +875,18 @@ async fn commit(
         return Ok(old);
     }
     let key = t.key(name);
-    if meta::meta_str(&new, "deletionTimestamp").is_some() && meta::finalizers_empty(&new) {
-        // The last finalizer is gone: the object's deletion completes now.
+    // The last finalizer is gone from an object whose deletion has no grace period left to
+    // run (kube-apiserver's shouldDeleteDuringUpdate): its deletion completes now. A pod
+    // deleted gracefully keeps its grace period, and its node's status writes meanwhile
+    // are plain updates; the node ends it with a delete of grace 0.
+    let no_grace_left = meta::metadata(&old)
+        .and_then(|m| m.get("deletionGracePeriodSeconds"))
+        .and_then(Value::as_i64)
+        .is_none_or(|g| g == 0);
+    if meta::meta_str(&old, "deletionTimestamp").is_some()
+        && no_grace_left
+        && meta::finalizers_empty(&new)
+    {
         return match api.store.delete(&key, Some(kv.mod_revision)).await {
             Ok((_, rev)) => {
                 release_object(api, res, &old).await;

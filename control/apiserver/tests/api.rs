@@ -455,6 +455,13 @@ async fn objects_behave_like_kubernetes(r: &Running) {
     let p = pods.get("p").await.expect("still there");
     assert!(p.metadata.deletion_timestamp.is_some());
     assert_eq!(p.metadata.deletion_grace_period_seconds, Some(30));
+    // Its node keeps writing status while the containers stop; that must not end it.
+    let stopping = json!({"status": {"phase": "Running", "message": "stopping"}});
+    pods.patch_status("p", &PatchParams::default(), &Patch::Merge(&stopping))
+        .await
+        .expect("status during graceful termination");
+    let p = pods.get("p").await.expect("a status write keeps it");
+    assert_eq!(p.status.and_then(|s| s.message).as_deref(), Some("stopping"));
     pods.delete(
         "p",
         &DeleteParams {
