@@ -123,12 +123,29 @@ async fn run_async(
     let server = Server::bind(config).await?;
     let url = server.url();
 
+    let shutdown = crate::roles::shutdown_on_signal();
+    let ca = server.pki().dir().join("ca.crt");
+    let token = server.pki().admin_token.clone();
+    let ca_pem = server.pki().ca_pem.clone();
+    let mut bootstrapped = server.bootstrapped();
+    let serving = tokio::spawn(server.run(shutdown.clone().cancelled_owned()));
+    // Kubeconfigs are written once the initial namespaces exist: whoever waits for the file
+    // (a user, a test, a script) can use `default` at once.
+    tokio::select! {
+        ready = bootstrapped.wait_for(|b| *b) => {
+            ready.context("the API server stopped before creating the initial namespaces")?;
+        }
+        _ = shutdown.cancelled() => {
+            serving.await.context("API server task")??;
+            return Ok(());
+        }
+    }
     let entry = kubeconfig::Entry {
         name: "weir",
         user: "weir-admin",
         server: &url,
-        ca_pem: &server.pki().ca_pem,
-        token: &server.pki().admin_token,
+        ca_pem: &ca_pem,
+        token: &token,
     };
     let own = args.data_dir.join("kubeconfig");
     kubeconfig::write(&own, &entry)?;
@@ -144,11 +161,6 @@ async fn run_async(
         None
     };
     print_banner(&url, &spec, &own, merged.as_deref());
-
-    let shutdown = crate::roles::shutdown_on_signal();
-    let ca = server.pki().dir().join("ca.crt");
-    let token = server.pki().admin_token.clone();
-    let serving = tokio::spawn(server.run(shutdown.clone().cancelled_owned()));
     let client = crate::roles::client(Some(&own)).await?;
 
     let mut roles = tokio::task::JoinSet::new();

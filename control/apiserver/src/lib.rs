@@ -99,6 +99,9 @@ pub(crate) struct Shared {
     open_namespaces: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Connections to node agents, for `pods/log`.
     agents: logs::AgentClient,
+    /// True once the initial objects (namespaces `default`, `kube-system`…, the
+    /// `kubernetes` Service) exist; `/readyz` fails until then.
+    bootstrapped: tokio::sync::watch::Sender<bool>,
 }
 
 /// A bound, not yet serving API server.
@@ -156,6 +159,7 @@ impl Server {
             shutdown,
             open_namespaces: Default::default(),
             agents: logs::agent_client(),
+            bootstrapped: tokio::sync::watch::Sender::new(false),
         });
         Ok(Self {
             listener,
@@ -182,6 +186,12 @@ impl Server {
 
     pub fn pki(&self) -> &Pki {
         &self.shared.pki
+    }
+
+    /// Turns true once `run` has created the initial objects (namespace `default` among
+    /// them), so a kubeconfig handed out after it never meets a missing namespace.
+    pub fn bootstrapped(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shared.bootstrapped.subscribe()
     }
 
     /// Serve until `shutdown` resolves, then stop accepting, end watches, and give open
@@ -253,7 +263,10 @@ async fn bootstrap_until_done(shared: Arc<Shared>) {
     let mut delay = Duration::from_millis(200);
     loop {
         match namespaces::bootstrap(&shared).await {
-            Ok(()) => return,
+            Ok(()) => {
+                shared.bootstrapped.send_replace(true);
+                return;
+            }
             Err(e) => tracing::warn!(error = %e, "creating the initial objects; will retry"),
         }
         tokio::select! {
@@ -313,8 +326,15 @@ async fn healthz() -> Response {
     (StatusCode::OK, "ok").into_response()
 }
 
-/// Ready when the store answers within a second.
+/// Ready when the initial objects exist and the store answers within a second.
 async fn readyz(State(api): State<Arc<Shared>>) -> Response {
+    if !*api.bootstrapped.borrow() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "[-]poststarthook/bootstrap-controller failed: the initial namespaces are not created yet\nreadyz check failed",
+        )
+            .into_response();
+    }
     match tokio::time::timeout(Duration::from_secs(1), api.store.current_revision()).await {
         Ok(Ok(_)) => (StatusCode::OK, "ok").into_response(),
         Ok(Err(e)) => (

@@ -461,7 +461,10 @@ async fn objects_behave_like_kubernetes(r: &Running) {
         .await
         .expect("status during graceful termination");
     let p = pods.get("p").await.expect("a status write keeps it");
-    assert_eq!(p.status.and_then(|s| s.message).as_deref(), Some("stopping"));
+    assert_eq!(
+        p.status.and_then(|s| s.message).as_deref(),
+        Some("stopping")
+    );
     pods.delete(
         "p",
         &DeleteParams {
