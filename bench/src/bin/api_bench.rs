@@ -412,6 +412,21 @@ async fn run(
     })
 }
 
+/// The share of the last minute in which some task waited for I/O (PSI), e.g. "12.3%":
+/// on this shared disk it sets the tail of every fsync-bound write.
+fn io_pressure() -> String {
+    std::fs::read_to_string("/proc/pressure/io")
+        .ok()
+        .and_then(|p| {
+            let some = p.lines().find(|l| l.starts_with("some "))?;
+            let avg = some
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("avg60="))?;
+            Some(format!("{avg}%"))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// The PATCH phase on one backend: an in-process API server on each of `stores` (fresh,
 /// one per size of `--patch-sizes`), filled, then PATCHed in turns.
 async fn patch_run(
@@ -452,6 +467,7 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|l| l.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "unknown".into());
 
+    let io_start = io_pressure();
     anyhow::ensure!(
         args.patch_sizes.windows(2).all(|w| w[0] < w[1]) && args.patch_sizes.first() > Some(&0),
         "--patch-sizes must be positive and ascending"
@@ -521,6 +537,7 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
+    let io_end = io_pressure();
     let (fsyncs_creates, fsyncs_watch) = on_etcd.fsyncs.clone().unwrap_or_default();
     let md = format!(
         "## API server\n\n\
@@ -538,12 +555,17 @@ async fn main() -> anyhow::Result<()> {
          Watch delay runs from just before the create request is sent to the event's arrival \
          at each watcher, so it includes the write itself (next row), which waits for the \
          store's fsync. etcd during the creates: {fsyncs_creates}; during the watched writes: \
-         {fsyncs_watch}. 1-minute load average when the run started: {load} (other work \
-         shares the 2 cores and the disk).\n\n\
-         A single-object write must cost the same however many objects are stored: on a fresh \
-         store the harness stores N Services, each with an EndpointSlice, then times \
-         {patches} sequential JSON merge PATCHes (request → response) that swap one endpoint \
-         of the last slice, as the load balancer benchmark's endpoint changes do.\n\n\
+         {fsyncs_watch}. 1-minute load average when the run started: {load}; share of the \
+         last minute in which some task waited for the disk (Linux I/O pressure, \
+         `/proc/pressure/io` some avg60): {io_start} at the start, {io_end} at the end (other \
+         work shares the 2 cores and the disk).\n\n\
+         A single-object write must cost the same however many objects are stored: for each N \
+         the harness runs an API server (alone, without `weir server`'s controllers) on a \
+         fresh store holding N Services, each with an EndpointSlice, then times {patches} \
+         sequential JSON merge PATCHes (request → response) that swap one endpoint of the \
+         last slice, as the load balancer benchmark's endpoint changes do. The servers of \
+         all sizes take turns, one PATCH each, so a burst of load on the machine falls on \
+         every size alike.\n\n\
          {patch_table}",
         services = args.clients * (args.services / args.clients),
         clients = args.clients,
