@@ -133,7 +133,9 @@ pub fn desired(
             by_service.entry((ns, svc.as_str())).or_default().push(s);
         }
     }
-    let mut out = Desired::new();
+    // Collected unordered and sorted once at the end: BTreeMap builds from sorted input in
+    // bulk, much cheaper than one insert per frontend.
+    let mut out = Vec::with_capacity(services.len());
     let mut problems = Vec::new();
     // Reused for every Service: most have one address of each kind.
     let mut cluster_vips: Vec<Ipv4Addr> = Vec::new();
@@ -244,7 +246,7 @@ pub fn desired(
             let mut add = |addrs: &mut dyn Iterator<Item = SocketAddrV4>,
                            backends: &Arc<[SocketAddrV4]>| {
                 for addr in addrs {
-                    out.insert(
+                    out.push((
                         Frontend { addr, proto },
                         DesiredFrontend {
                             service: service.clone(),
@@ -252,7 +254,7 @@ pub fn desired(
                             algorithm,
                             affinity_timeout_secs,
                         },
-                    );
+                    ));
                 }
             };
             if !cluster_vips.is_empty() {
@@ -288,7 +290,16 @@ pub fn desired(
             }
         }
     }
-    (out, problems)
+    // Two Services claiming one frontend: the later one wins, as with one insert each.
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            std::mem::swap(later, kept);
+        }
+        same
+    });
+    (out.into_iter().collect(), problems)
 }
 
 /// Ready endpoints of `port`; only when none is ready, the serving terminating ones (KEP-1669).

@@ -249,3 +249,22 @@ fn a_node_port_out_of_range_is_reported() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn of_two_services_claiming_one_frontend_the_later_one_wins() {
+    let named = |name: &str| {
+        svc(json!({
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]}
+        }))
+    };
+    for (first, second) in [("a", "b"), ("b", "a")] {
+        let (d, _) = desired(
+            &[named(first), named(second)],
+            &[] as &[EndpointSlice],
+            &ModelConfig::default(),
+        );
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[&fe(80, PROTO_TCP)].service.name, second);
+    }
+}
