@@ -2,7 +2,8 @@
 //!
 //! Writes are etcd transactions (a create compares `create_revision == 0`, an update or a
 //! conditional delete compares `mod_revision`), so concurrent writers get [`Error::Conflict`]
-//! rather than lost updates. Every unary call is bounded by [`REQUEST_TIMEOUT`]: a dead etcd
+//! rather than lost updates. Every unary call is bounded by the store's request timeout
+//! ([`DEFAULT_REQUEST_TIMEOUT`] unless set): a dead etcd
 //! gives [`Error::Unavailable`], a hung one [`Error::Timeout`], and the client reconnects on
 //! its own once etcd is back. A watch survives a dropped connection: it re-creates the etcd watch from the last
 //! delivered revision + 1, so no event is lost, or ends with [`Error::Compacted`] if etcd
@@ -18,9 +19,13 @@ use tokio::sync::mpsc;
 
 use crate::{Error, Event, KeyValue, ListOptions, ListResult, Result, Store, WatchStream};
 
-/// Bound on every unary call and on creating a watch: long enough to ride out an fsync stall
-/// on a busy disk, short enough that a hung etcd becomes a 503 rather than a hang.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on every unary call: long enough to ride out fsync stalls on a busy disk
+/// (5 s was seen to fail a `kubectl apply` while another etcd shared the disk), and half of
+/// kube-apiserver's 60 s `--request-timeout`, so a hung etcd still becomes a 504 before a
+/// client gives up on its own.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on connecting and on creating a watch, neither of which waits for a disk.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bound on establishing a connection to an endpoint.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Delay between attempts to re-create a broken watch, doubling up to the maximum.
@@ -35,6 +40,7 @@ const MAX_MESSAGE: usize = i32::MAX as usize;
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
+    timeout: Duration,
 }
 
 impl EtcdStore {
@@ -55,12 +61,23 @@ impl EtcdStore {
             }
             other => other,
         };
-        let client = bounded(Client::connect(endpoints, Some(options)))
+        let client = bounded(SETUP_TIMEOUT, Client::connect(endpoints, Some(options)))
             .await
             .map_err(at)?;
-        let store = Self { client };
+        let store = Self {
+            client,
+            timeout: SETUP_TIMEOUT,
+        };
         store.current_revision().await.map_err(at)?;
-        Ok(store)
+        Ok(Self {
+            timeout: DEFAULT_REQUEST_TIMEOUT,
+            ..store
+        })
+    }
+
+    /// Bound every unary call by `timeout` instead of [`DEFAULT_REQUEST_TIMEOUT`].
+    pub fn with_request_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
     }
 
     /// Compacts etcd's history the way kube-apiserver does (`--etcd-compaction-interval`,
@@ -98,7 +115,7 @@ impl EtcdStore {
     /// Runs a write transaction of `value` to `key`.
     async fn txn(&self, txn: Txn, key: &str, value_len: usize) -> Result<TxnResponse> {
         let mut kv = self.kv();
-        match tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn)).await {
+        match tokio::time::timeout(self.timeout, kv.txn(txn)).await {
             Ok(Ok(resp)) => Ok(resp),
             // etcd refuses over `--max-request-bytes`; gRPC itself a little above that.
             Ok(Err(e))
@@ -113,7 +130,7 @@ impl EtcdStore {
                 })
             }
             Ok(Err(e)) => Err(map_err(e)),
-            Err(_) => Err(timeout_error()),
+            Err(_) => Err(timeout_error(self.timeout)),
         }
     }
 
@@ -158,20 +175,21 @@ impl EtcdStore {
     }
 }
 
-/// Runs one etcd call under [`REQUEST_TIMEOUT`].
+/// Runs one etcd call under `timeout`.
 async fn bounded<T>(
+    timeout: Duration,
     call: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
 ) -> Result<T> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+    match tokio::time::timeout(timeout, call).await {
         Ok(r) => r.map_err(map_err),
-        Err(_) => Err(timeout_error()),
+        Err(_) => Err(timeout_error(timeout)),
     }
 }
 
-fn timeout_error() -> Error {
+fn timeout_error(timeout: Duration) -> Error {
     Error::Timeout(format!(
         "etcd did not answer within {}s",
-        REQUEST_TIMEOUT.as_secs()
+        timeout.as_secs_f32()
     ))
 }
 
@@ -288,7 +306,7 @@ async fn open_watch(
         .with_start_revision(start)
         .with_prev_key();
     let key = range_start(prefix);
-    bounded(async move {
+    bounded(SETUP_TIMEOUT, async move {
         let mut stream = watch.watch(key, Some(opts)).await?;
         // The first response confirms creation; on a compacted start it may already be the
         // cancellation, which the caller handles like any response.
@@ -402,7 +420,7 @@ async fn run_watch(
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
         let mut kv = self.kv();
-        let resp = bounded(kv.get(key, None)).await?;
+        let resp = bounded(self.timeout, kv.get(key, None)).await?;
         resp.kvs().first().map(convert).transpose()
     }
 
@@ -423,10 +441,10 @@ impl Store for EtcdStore {
             get = get.with_limit(i64::try_from(opts.limit).unwrap_or(i64::MAX));
         }
         let mut kv = self.kv();
-        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, kv.get(start, Some(get))).await {
+        let resp = match tokio::time::timeout(self.timeout, kv.get(start, Some(get))).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => return Err(self.revision_error(e, opts.revision).await),
-            Err(_) => return Err(timeout_error()),
+            Err(_) => return Err(timeout_error(self.timeout)),
         };
         let revision = if opts.revision > 0 {
             opts.revision
@@ -596,7 +614,7 @@ impl Store for EtcdStore {
     async fn current_revision(&self) -> Result<i64> {
         let mut kv = self.kv();
         let opts = GetOptions::new().with_count_only();
-        let resp = bounded(kv.get("\0", Some(opts))).await?;
+        let resp = bounded(self.timeout, kv.get("\0", Some(opts))).await?;
         resp.header()
             .map(|h| h.revision())
             .ok_or_else(|| Error::Internal("etcd: response without header".into()))
@@ -608,10 +626,10 @@ impl Store for EtcdStore {
         // started after this call really gets Compacted, as the trait promises (a logical
         // compaction let a racing watch still replay the compacted events).
         let opts = etcd_client::CompactionOptions::new().with_physical();
-        match tokio::time::timeout(REQUEST_TIMEOUT, kv.compact(revision, Some(opts))).await {
+        match tokio::time::timeout(self.timeout, kv.compact(revision, Some(opts))).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(self.revision_error(e, revision).await),
-            Err(_) => Err(timeout_error()),
+            Err(_) => Err(timeout_error(self.timeout)),
         }
     }
 }
