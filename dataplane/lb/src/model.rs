@@ -291,7 +291,7 @@ pub fn desired(
         }
     }
     // Two Services claiming one frontend: the later one wins, as with one insert each.
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by_key(|e| e.0);
     out.dedup_by(|later, kept| {
         let same = later.0 == kept.0;
         if same {
