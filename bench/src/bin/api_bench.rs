@@ -104,22 +104,33 @@ struct Figures {
     fsyncs: Option<(String, String)>,
 }
 
-/// An in-process API server on a store, with an admin client; stopped by [`Served::stop`].
+/// A directory removed when this is dropped, on error paths too.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An in-process API server on a store, with an admin client; stopped by [`Served::stop`]
+/// (or, when dropped on an error path, as soon as `stop` is dropped).
 struct Served {
     client: kube::Client,
     stop: tokio::sync::oneshot::Sender<()>,
     serving: tokio::task::JoinHandle<Result<(), weir_apiserver::ServeError>>,
-    dir: std::path::PathBuf,
+    _dir: TempDir,
 }
 
 impl Served {
     async fn start(store: Arc<dyn Store>, name: &str) -> anyhow::Result<Self> {
-        let dir =
-            std::env::temp_dir().join(format!("weir-api-bench-{}-{name}", std::process::id()));
-        let mut config = Config::new(dir.clone(), store);
+        let dir = TempDir(
+            std::env::temp_dir().join(format!("weir-api-bench-{}-{name}", std::process::id())),
+        );
+        let mut config = Config::new(dir.0.clone(), store);
         config.listen = "127.0.0.1:0".parse()?;
         let server = Server::bind(config).await?;
-        let path = dir.join("kubeconfig");
+        let path = dir.0.join("kubeconfig");
         kubeconfig::write(
             &path,
             &kubeconfig::Entry {
@@ -139,14 +150,13 @@ impl Served {
             client,
             stop,
             serving,
-            dir,
+            _dir: dir,
         })
     }
 
     async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.serving.await;
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
