@@ -6,6 +6,11 @@
 //!
 //! Absence is confirmed with a live GET before anything is deleted, so a watch that is
 //! behind (an owner created after its dependent was seen) never causes a wrong deletion.
+//!
+//! A sweep looks at every object, so it runs only after an event that can change its
+//! outcome (a delete, an owner in foreground or orphan deletion, a dependent whose owners
+//! the caches do not hold) and every 30 s; an update of an object whose owner is present,
+//! such as a pod's status or a slice's endpoints, costs one cache lookup per owner.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -19,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy,
 };
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
@@ -224,6 +229,51 @@ fn snapshot(stores: &[Store<DynamicObject>]) -> Vec<Obj> {
         .collect()
 }
 
+/// Whether a sweep could act because `o` was created or changed (see the module header).
+fn may_act(ars: &[ApiResource], stores: &[Store<DynamicObject>], o: &DynamicObject) -> bool {
+    let finalizers = o.metadata.finalizers.iter().flatten();
+    if o.metadata.deletion_timestamp.is_some() {
+        return finalizers
+            .into_iter()
+            .any(|f| f == FOREGROUND || f == ORPHAN);
+    }
+    let owners = o.metadata.owner_references.as_deref().unwrap_or_default();
+    let ns = o.metadata.namespace.as_deref();
+    !owners.is_empty() && !owners.iter().any(|r| owner_cached(ars, stores, ns, r))
+}
+
+/// Whether the caches hold the owner `r` (same UID). Owners of kinds the collector does not
+/// know count as held: they are never presumed gone.
+fn owner_cached(
+    ars: &[ApiResource],
+    stores: &[Store<DynamicObject>],
+    ns: Option<&str>,
+    r: &OwnerReference,
+) -> bool {
+    let Some(kind) = ars
+        .iter()
+        .position(|a| a.kind == r.kind && a.api_version == r.api_version)
+    else {
+        return true;
+    };
+    let mut key = ObjectRef::new_with(&r.name, ars[kind].clone());
+    if let Some(ns) = ns {
+        key = key.within(ns);
+    }
+    stores[kind]
+        .get(&key)
+        .is_some_and(|owner| owner.metadata.uid.as_deref() == Some(r.uid.as_str()))
+}
+
+/// A watch event, as the collector's loop needs it.
+enum Seen {
+    /// Created or changed: check this object only.
+    Applied(Box<DynamicObject>),
+    /// A delete (it may free dependents or finish an owner), or a (re)listed cache.
+    Sweep,
+    Nothing,
+}
+
 /// How often the collector sweeps at most, and at least.
 const MIN_INTERVAL: Duration = Duration::from_millis(500);
 const MAX_INTERVAL: Duration = Duration::from_secs(30);
@@ -239,8 +289,12 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()>) {
         let events = watcher(api(&client, ar, None), watcher::Config::default())
             .default_backoff()
             .reflect(writer)
-            .touched_objects()
-            .map(|_| ())
+            .map(|e| match e {
+                Ok(watcher::Event::Apply(o)) => Seen::Applied(Box::new(o)),
+                Ok(watcher::Event::Delete(_) | watcher::Event::InitDone) => Seen::Sweep,
+                // Initial objects are swept at InitDone; a failed watch re-lists.
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) | Err(_) => Seen::Nothing,
+            })
             .boxed();
         stores.push(store);
         streams.push(events);
@@ -253,7 +307,11 @@ pub async fn run(client: Client, shutdown: impl Future<Output = ()>) {
     loop {
         tokio::select! {
             () = &mut shutdown => return,
-            Some(()) = events.next() => dirty = true,
+            Some(seen) = events.next() => match seen {
+                Seen::Applied(o) => dirty |= may_act(&ars, &stores, &o),
+                Seen::Sweep => dirty = true,
+                Seen::Nothing => {}
+            },
             _ = ticker.tick() => {
                 // A store still filling may miss an owner; the live GET before each
                 // deletion covers that.
@@ -298,6 +356,74 @@ mod tests {
             deleting: false,
             finalizers: vec![],
         }
+    }
+
+    fn dynamic(
+        ar: &ApiResource,
+        name: &str,
+        uid: &str,
+        owner: Option<(&str, &str)>,
+    ) -> DynamicObject {
+        let mut o = DynamicObject::new(name, ar).within("default");
+        o.metadata.uid = Some(uid.into());
+        o.metadata.owner_references = owner.map(|(kind, uid)| {
+            vec![OwnerReference {
+                api_version: if kind == "ReplicaSet" {
+                    "apps/v1"
+                } else {
+                    "example.com/v1"
+                }
+                .into(),
+                kind: kind.into(),
+                name: "owner".into(),
+                uid: uid.into(),
+                ..Default::default()
+            }]
+        });
+        o
+    }
+
+    #[test]
+    fn only_events_that_can_change_a_sweep_trigger_one() {
+        let ars = resources();
+        let mut writers: Vec<_> = ars
+            .iter()
+            .map(|ar| reflector::store::Writer::new(ar.clone()))
+            .collect();
+        let stores: Vec<_> = writers.iter().map(|w| w.as_reader()).collect();
+        let (pod, rs) = (&ars[0], &ars[1]);
+        writers[1].apply_watcher_event(&watcher::Event::Apply(dynamic(rs, "owner", "rs-1", None)));
+
+        // A pod of a cached ReplicaSet: a status update cannot free it.
+        assert!(!may_act(
+            &ars,
+            &stores,
+            &dynamic(pod, "p", "p", Some(("ReplicaSet", "rs-1")))
+        ));
+        // Its owner of that name was replaced (another UID), or is of a kind never presumed gone.
+        assert!(may_act(
+            &ars,
+            &stores,
+            &dynamic(pod, "p", "p", Some(("ReplicaSet", "rs-0")))
+        ));
+        assert!(!may_act(
+            &ars,
+            &stores,
+            &dynamic(pod, "p", "p", Some(("Widget", "w")))
+        ));
+        // No owner: nothing to collect.
+        assert!(!may_act(&ars, &stores, &dynamic(pod, "p", "p", None)));
+        // Owners in foreground or orphan deletion, but not plain graceful deletion.
+        let mut deleting = dynamic(rs, "owner", "rs-1", None);
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert!(!may_act(&ars, &stores, &deleting));
+        deleting.metadata.finalizers = Some(vec![FOREGROUND.into()]);
+        assert!(may_act(&ars, &stores, &deleting));
+        deleting.metadata.finalizers = Some(vec![ORPHAN.into()]);
+        assert!(may_act(&ars, &stores, &deleting));
     }
 
     #[test]
