@@ -239,6 +239,16 @@ async fn confirmed_gone(nodes: &Api<Node>, name: &str) -> bool {
     matches!(nodes.get_opt(name).await, Ok(None))
 }
 
+/// Whether a change of `pod` can give a sweep something to do: it is terminating, finished,
+/// or bound to a node the cache lacks. A status update of a running pod on a known node
+/// cannot, and sweeping every pod for each one would grow with the cluster.
+fn may_matter(pod: &Pod, nodes: &Store<Node>) -> bool {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+    pod.metadata.deletion_timestamp.is_some()
+        || util::is_terminal(pod)
+        || node.is_some_and(|n| !n.is_empty() && nodes.get(&ObjectRef::new(n)).is_none())
+}
+
 /// Sweep when something changed, at most this often.
 const MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Sweep at least this often, as upstream's gcCheckPeriod.
@@ -250,6 +260,8 @@ pub async fn run(client: Client, config: Config, shutdown: impl Future<Output = 
     let (pods, pod_events) =
         runtime::reflect(Api::<Pod>::all(client.clone()), watcher::Config::default());
     let (nodes, node_events) = runtime::reflect(nodes_api.clone(), watcher::Config::default());
+    let cached = nodes.clone();
+    let pod_events = pod_events.filter(move |p| std::future::ready(may_matter(p, &cached)));
     let mut events = stream::select(pod_events.map(drop), node_events.map(drop));
     let mut quarantine = Quarantine::default();
     let mut ticker = tokio::time::interval(MIN_INTERVAL);

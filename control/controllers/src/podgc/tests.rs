@@ -163,3 +163,25 @@ fn a_node_is_due_after_its_quarantine_and_forgotten_when_it_returns() {
     assert_eq!(q.next_due(period), None);
     assert!(q.update(&missing, t0 + period * 3, period).is_empty());
 }
+
+#[test]
+fn only_pod_changes_that_can_matter_wake_a_sweep() {
+    let (store, mut writer) = kube::runtime::reflector::store::<Node>();
+    writer.apply_watcher_event(&watcher::Event::Apply(
+        (*node("a", "True", json!([]))).clone(),
+    ));
+    let matters = |p: Arc<Pod>| may_matter(&p, &store);
+    assert!(!matters(pod("running-on-a", Some("a"), json!({}))));
+    assert!(!matters(pod("pending", None, json!({}))));
+    assert!(matters(pod("on-missing", Some("b"), json!({}))));
+    assert!(matters(pod(
+        "done",
+        Some("a"),
+        json!({"status": {"phase": "Failed"}})
+    )));
+    assert!(matters(pod(
+        "deleting",
+        Some("a"),
+        json!({"metadata": {"deletionTimestamp": DELETING}})
+    )));
+}
