@@ -13,8 +13,12 @@ APT_PACKAGES=(
     build-essential pkg-config protobuf-compiler curl ca-certificates
     clang-22 llvm-22 llvm-22-dev libpolly-22-dev bpftool iproute2 iptables
     etcd-server etcd-client dnsutils
+    python3 procps util-linux
     knot dnsperf nginx haproxy wrk nghttp2-client
 )
+
+# A fresh machine may still hold the apt lock (unattended upgrades) or drop a download.
+APT_OPTS=(-o DPkg::Lock::Timeout=600 -o Acquire::Retries=5)
 
 install_deps() {
     local missing=()
@@ -23,13 +27,17 @@ install_deps() {
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "dev.sh: installing ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        for try in 1 2 3; do
+            apt-get "${APT_OPTS[@]}" update -qq && break
+            [ "$try" = 3 ] && exit 1
+            sleep 10
+        done
+        DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y -qq "${missing[@]}" >/dev/null
     fi
     # Debian installs etcd-server with a system service; weir starts its own etcd in tests.
     systemctl disable --now etcd >/dev/null 2>&1 || true
     if ! command -v kubectl >/dev/null; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get "${APT_OPTS[@]}" install -y -qq kubernetes-client >/dev/null
     fi
     if ! command -v cargo >/dev/null; then
         echo "dev.sh: cargo not found; install Rust 1.95 with rustup first" >&2
@@ -37,9 +45,15 @@ install_deps() {
     fi
     # The BPF programs build with -Z build-std=core (needs rust-src) and link with
     # bpf-linker built against the LLVM that rustc uses (22); its default wants LLVM 23.
-    rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src
+    # rustfmt and clippy run in `test`; a minimal rustup profile has neither.
+    local installed
+    installed=$(rustup component list --installed 2>/dev/null || true)
+    for c in rust-src rustfmt clippy; do
+        grep -q "^$c" <<<"$installed" || rustup component add "$c"
+    done
     if ! command -v bpf-linker >/dev/null; then
-        PATH=/usr/lib/llvm-22/bin:$PATH cargo install bpf-linker --no-default-features --features llvm-22
+        PATH=/usr/lib/llvm-22/bin:$PATH CARGO_NET_RETRY=10 \
+            cargo install --locked bpf-linker@0.13.0 --no-default-features --features llvm-22
     fi
 }
 
