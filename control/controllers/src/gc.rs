@@ -130,6 +130,12 @@ fn api(client: &Client, ar: &ApiResource, ns: Option<&str>) -> Api<DynamicObject
     }
 }
 
+/// The index in `ars` of the owner's kind, if the collector knows it.
+fn kind_of(ars: &[ApiResource], r: &OwnerReference) -> Option<usize> {
+    ars.iter()
+        .position(|a| a.kind == r.kind && a.api_version == r.api_version)
+}
+
 /// Whether the owner `r` of an object in `ns` is really gone (GET says 404 or another UID).
 /// Owners of kinds the collector does not know are never presumed gone.
 async fn owner_gone(
@@ -138,13 +144,10 @@ async fn owner_gone(
     ns: Option<&str>,
     r: &OwnerReference,
 ) -> bool {
-    let Some(ar) = ars
-        .iter()
-        .find(|a| a.kind == r.kind && a.api_version == r.api_version)
-    else {
+    let Some(kind) = kind_of(ars, r) else {
         return false;
     };
-    match api(client, ar, ns).get_opt(&r.name).await {
+    match api(client, &ars[kind], ns).get_opt(&r.name).await {
         Ok(None) => true,
         Ok(Some(o)) => o.metadata.uid.as_deref() != Some(r.uid.as_str()),
         Err(_) => false,
@@ -250,10 +253,7 @@ fn owner_cached(
     ns: Option<&str>,
     r: &OwnerReference,
 ) -> bool {
-    let Some(kind) = ars
-        .iter()
-        .position(|a| a.kind == r.kind && a.api_version == r.api_version)
-    else {
+    let Some(kind) = kind_of(ars, r) else {
         return true;
     };
     let mut key = ObjectRef::new_with(&r.name, ars[kind].clone());
