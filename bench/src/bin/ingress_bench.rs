@@ -89,11 +89,17 @@ fn free_addr() -> Result<SocketAddr> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
+/// How long a peer may take to start listening; 10 s was once too short on a loaded machine.
+const LISTEN_WAIT: Duration = Duration::from_secs(60);
+
 fn wait_listening(addr: SocketAddr, what: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + LISTEN_WAIT;
     while StdStream::connect(addr).is_err() {
         if Instant::now() > deadline {
-            bail!("{what} is not listening on {addr} after 10 s");
+            bail!(
+                "{what} is not listening on {addr} after {} s",
+                LISTEN_WAIT.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
