@@ -318,19 +318,15 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
         },
     );
 
+    // An HTTP GET from inside one pod: its body, and the output for failure messages.
+    let curl_in_pod = |url: &str| {
+        let out = node.in_pod(&pod_netns, &["curl", "-s", "-m", CURL_MAX_S, url]);
+        (String::from_utf8_lossy(&out.stdout).into_owned(), out)
+    };
+
     // From inside one pod, every pod answers on its own pod IP.
     for ip in &ips {
-        let out = node.in_pod(
-            &pod_netns,
-            &[
-                "curl",
-                "-s",
-                "-m",
-                CURL_MAX_S,
-                &format!("http://{ip}:8080/"),
-            ],
-        );
-        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, out) = curl_in_pod(&format!("http://{ip}:8080/"));
         assert!(
             body.starts_with("pod=hello-"),
             "pod IP {ip}: {body:?} {out:?}"
@@ -340,17 +336,7 @@ fn weir_up_serves_hello_through_lb_dns_and_ingress() {
     // ClusterIP from inside a pod: answered by more than one pod.
     let mut answered_by = BTreeSet::new();
     for _ in 0..12 {
-        let out = node.in_pod(
-            &pod_netns,
-            &[
-                "curl",
-                "-s",
-                "-m",
-                CURL_MAX_S,
-                &format!("http://{cluster_ip}/"),
-            ],
-        );
-        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, out) = curl_in_pod(&format!("http://{cluster_ip}/"));
         assert!(
             body.starts_with("pod=hello-"),
             "curl ClusterIP: {body:?} {out:?}"
