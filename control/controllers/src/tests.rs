@@ -502,15 +502,19 @@ async fn set_running(pods: &Api<Pod>, name: &str, ip: &str) {
         .expect("pod status");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_node_turns_unreachable_and_its_pods_move() {
-    let config = crate::Config {
+/// A node is unreachable after 2 s of silence and its pods are evicted 2 s later.
+fn fast_node_lifecycle() -> crate::Config {
+    crate::Config {
         node_lifecycle: crate::nodelifecycle::Config {
             grace_period: Duration::from_secs(2),
             default_toleration: Duration::from_secs(2),
         },
-    };
-    let c = start(config).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_turns_unreachable_and_its_pods_move() {
+    let c = start(fast_node_lifecycle()).await;
     // Both replicas start on node-a, the only node.
     add_node(&c.client, "node-a").await;
     keep_alive(&c.client, "node-a").await;
@@ -644,13 +648,7 @@ async fn a_rollout_that_makes_no_progress_exceeds_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_of_a_dead_node_go_when_it_is_deleted_or_out_of_service() {
     // The grace period is also PodGC's quarantine for a deleted node.
-    let config = crate::Config {
-        node_lifecycle: crate::nodelifecycle::Config {
-            grace_period: Duration::from_secs(2),
-            default_toleration: Duration::from_secs(2),
-        },
-    };
-    let c = start(config).await;
+    let c = start(fast_node_lifecycle()).await;
     // Both nodes' agents are dead: no heartbeat, no pod status, no finished deletions.
     add_node(&c.client, "node-a").await;
     add_node(&c.client, "node-b").await;
