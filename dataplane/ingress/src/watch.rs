@@ -6,17 +6,17 @@
 //! Nothing is served from a partial cache: the first table is built once every watch has
 //! finished its initial list. After each swap, Ingresses of our class whose
 //! `status.loadBalancer` does not name the published address get it, through the status
-//! subresource.
+//! subresource, and Ingresses no longer ours lose the entry we wrote there.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use futures::{FutureExt, StreamExt, stream::BoxStream};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass, IngressLoadBalancerIngress};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -114,6 +114,7 @@ pub async fn run(
     // Kinds changed since the last table; `None` until the first full build.
     let mut changed: Option<[bool; KINDS]> = None;
     let mut reported: HashSet<String> = HashSet::new();
+    let cleared = Arc::new(Mutex::new(HashSet::new()));
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -158,38 +159,135 @@ pub async fn run(
         );
         table.store(Arc::new(next));
         if let Some(ip) = publish {
-            publish_status(&client, &builder, &stores, ip);
+            publish_status(&client, &builder, &stores, ip, &cleared);
         }
     }
 }
 
-/// Whether `ing`'s status.loadBalancer is exactly the one address `ip`.
-fn publishes(ing: &Ingress, ip: &str) -> bool {
-    let lb = ing
-        .status
+/// `ing`'s `status.loadBalancer.ingress`.
+fn lb_entries(ing: &Ingress) -> &[IngressLoadBalancerIngress] {
+    ing.status
         .as_ref()
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_deref())
-        .unwrap_or_default();
-    matches!(lb, [one] if one.ip.as_deref() == Some(ip) && one.hostname.is_none())
+        .unwrap_or_default()
+}
+
+/// Whether `e` is the entry weir writes for `ip`: the address alone.
+fn is_our_entry(e: &IngressLoadBalancerIngress, ip: &str) -> bool {
+    e.ip.as_deref() == Some(ip)
+        && e.hostname.is_none()
+        && e.ports.as_deref().is_none_or(<[_]>::is_empty)
+}
+
+/// Whether `ing`'s status.loadBalancer is exactly the one address `ip`.
+fn publishes(ing: &Ingress, ip: &str) -> bool {
+    matches!(lb_entries(ing), [one] if is_our_entry(one, ip))
+}
+
+/// The `status.loadBalancer.ingress` entries `ing` keeps once weir's entry for `ip` is
+/// taken out, or `None` when it carries no entry of ours: then it is not ours to touch,
+/// whatever another controller wrote there.
+fn without_ours(ing: &Ingress, ip: &str) -> Option<Vec<IngressLoadBalancerIngress>> {
+    let lb = lb_entries(ing);
+    lb.iter().any(|e| is_our_entry(e, ip)).then(|| {
+        lb.iter()
+            .filter(|e| !is_our_entry(e, ip))
+            .cloned()
+            .collect()
+    })
+}
+
+/// The status merge patch that leaves `rest` in `status.loadBalancer.ingress`. It carries
+/// the resourceVersion the decision was made on, so an entry another controller wrote
+/// meanwhile is never overwritten: the API server answers 409 and that write's watch event
+/// brings the next decision. An empty `rest` removes the list, leaving `loadBalancer: {}`,
+/// which is what kube-apiserver stores when a controller empties it (the field is
+/// `omitempty`) and what `kubectl get ingress` shows as no ADDRESS.
+fn clear_patch(resource_version: &str, rest: &[IngressLoadBalancerIngress]) -> serde_json::Value {
+    let ingress = if rest.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!(rest)
+    };
+    serde_json::json!({
+        "metadata": {"resourceVersion": resource_version},
+        "status": {"loadBalancer": {"ingress": ingress}},
+    })
+}
+
+/// An Ingress we no longer serve that still shows our address.
+#[derive(Debug, PartialEq)]
+struct Clear {
+    ns: String,
+    name: String,
+    uid: String,
+    patch: serde_json::Value,
+}
+
+/// The status writes for `ingresses`: those `ours` whose status does not publish `ip` yet,
+/// and those not ours that still carry our entry. `cleared` holds the uids of Ingresses
+/// not ours whose entry was taken out (or is being taken out) since they stopped being
+/// ours; each is cleared once, so if another controller publishes the same address on
+/// one of them (two controllers on one node) weir does not fight it. An Ingress that is
+/// ours again, or gone, leaves `cleared`.
+fn plan<'a>(
+    ingresses: impl IntoIterator<Item = &'a Ingress>,
+    ours: impl Fn(&Ingress) -> bool,
+    ip: &str,
+    cleared: &mut HashSet<String>,
+) -> (Vec<(String, String)>, Vec<Clear>) {
+    let (mut publish, mut clear) = (Vec::new(), Vec::new());
+    let mut still_cleared = HashSet::new();
+    for ing in ingresses {
+        let (Some(ns), name, Some(uid)) = (ing.namespace(), ing.name_any(), ing.uid()) else {
+            continue;
+        };
+        if ours(ing) {
+            if !publishes(ing, ip) {
+                publish.push((ns, name));
+            }
+        } else if cleared.contains(&uid) {
+            still_cleared.insert(uid);
+        } else if let (Some(rest), Some(rv)) = (without_ours(ing, ip), ing.resource_version()) {
+            let patch = clear_patch(&rv, &rest);
+            still_cleared.insert(uid.clone());
+            clear.push(Clear {
+                ns,
+                name,
+                uid,
+                patch,
+            });
+        }
+    }
+    *cleared = still_cleared;
+    (publish, clear)
 }
 
 /// Patch, in the background, the status of every Ingress we serve that does not publish
-/// `ip` yet. Our own patch comes back as a watch event and then matches, so nothing loops.
-fn publish_status(client: &Client, builder: &Builder, stores: &Stores, ip: IpAddr) {
+/// `ip` yet, and take our entry out of the Ingresses we no longer serve (see [`plan`]).
+/// Our own patches come back as watch events and then match, so nothing loops. A failed
+/// clear leaves `cleared`, so the next rebuild tries it again.
+fn publish_status(
+    client: &Client,
+    builder: &Builder,
+    stores: &Stores,
+    ip: IpAddr,
+    cleared: &Arc<Mutex<HashSet<String>>>,
+) {
     let ip = ip.to_string();
     let classes = stores.classes.state();
-    let stale: Vec<(String, String)> = stores
-        .ingresses
-        .state()
-        .iter()
-        .filter(|i| builder.is_ours(i, &classes) && !publishes(i, &ip))
-        .filter_map(|i| Some((i.namespace()?, i.name_any())))
-        .collect();
-    if stale.is_empty() {
+    let (stale, clear) = plan(
+        stores.ingresses.state().iter().map(|i| &**i),
+        |i| builder.is_ours(i, &classes),
+        &ip,
+        &mut cleared.lock().unwrap_or_else(PoisonError::into_inner),
+    );
+    if stale.is_empty() && clear.is_empty() {
         return;
     }
     let client = client.clone();
+    let cleared = cleared.clone();
     tokio::spawn(async move {
         let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
         for (ns, name) in stale {
@@ -206,33 +304,57 @@ fn publish_status(client: &Client, builder: &Builder, stores: &Stores, ip: IpAdd
                 }
             }
         }
+        for c in clear {
+            let api: Api<Ingress> = Api::namespaced(client.clone(), &c.ns);
+            match api
+                .patch_status(&c.name, &PatchParams::default(), &Patch::Merge(&c.patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(ingress = %format!("{}/{}", c.ns, c.name), %ip, "not ours any more: took the ingress address out of status.loadBalancer")
+                }
+                Err(e) => {
+                    cleared
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&c.uid);
+                    tracing::warn!(ingress = %format!("{}/{}", c.ns, c.name), error = %e, "cannot take the ingress address out of a status no longer ours")
+                }
+            }
+        }
     });
 }
 
 #[cfg(test)]
 mod tests {
     use k8s_openapi::api::networking::v1::{
-        IngressLoadBalancerIngress, IngressLoadBalancerStatus, IngressStatus,
+        IngressLoadBalancerStatus, IngressPortStatus, IngressStatus,
     };
 
     use super::*;
+    use crate::fixtures::{backend, ingress};
+    use crate::table::ClassFilter;
 
-    fn with_status(ips: &[&str]) -> Ingress {
+    fn entry(ip: &str) -> IngressLoadBalancerIngress {
+        IngressLoadBalancerIngress {
+            ip: Some(ip.to_string()),
+            ..Default::default()
+        }
+    }
+
+    fn with_entries(entries: Vec<IngressLoadBalancerIngress>) -> Ingress {
         Ingress {
             status: Some(IngressStatus {
                 load_balancer: Some(IngressLoadBalancerStatus {
-                    ingress: Some(
-                        ips.iter()
-                            .map(|ip| IngressLoadBalancerIngress {
-                                ip: Some(ip.to_string()),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    ),
+                    ingress: Some(entries),
                 }),
             }),
             ..Default::default()
         }
+    }
+
+    fn with_status(ips: &[&str]) -> Ingress {
+        with_entries(ips.iter().map(|ip| entry(ip)).collect())
     }
 
     #[test]
@@ -244,5 +366,138 @@ mod tests {
             &with_status(&["10.0.0.5", "10.0.0.6"]),
             "10.0.0.5"
         ));
+    }
+
+    #[test]
+    fn only_our_entry_is_taken_out() {
+        let ip = "10.0.0.5";
+        assert_eq!(without_ours(&with_status(&[ip]), ip), Some(vec![]));
+        assert_eq!(
+            without_ours(&with_status(&["10.0.0.6", ip, "10.0.0.7"]), ip),
+            Some(vec![entry("10.0.0.6"), entry("10.0.0.7")])
+        );
+        // No entry of ours: not ours to touch.
+        assert_eq!(without_ours(&Ingress::default(), ip), None);
+        assert_eq!(without_ours(&with_status(&[]), ip), None);
+        assert_eq!(without_ours(&with_status(&["10.0.0.6"]), ip), None);
+        // Our address in an entry weir never writes (a hostname, ports) is another
+        // controller's.
+        let hostname = IngressLoadBalancerIngress {
+            hostname: Some("lb.example.com".into()),
+            ..entry(ip)
+        };
+        let ports = IngressLoadBalancerIngress {
+            ports: Some(vec![IngressPortStatus {
+                port: 443,
+                protocol: "TCP".into(),
+                error: None,
+            }]),
+            ..entry(ip)
+        };
+        assert_eq!(
+            without_ours(&with_entries(vec![hostname.clone()]), ip),
+            None
+        );
+        assert_eq!(without_ours(&with_entries(vec![ports.clone()]), ip), None);
+        assert!(!publishes(&with_entries(vec![ports]), ip));
+        assert_eq!(
+            without_ours(&with_entries(vec![hostname.clone(), entry(ip)]), ip),
+            Some(vec![hostname])
+        );
+    }
+
+    #[test]
+    fn a_cleared_status_keeps_the_other_entries_or_empties_the_load_balancer() {
+        assert_eq!(
+            clear_patch("42", &[]),
+            serde_json::json!({
+                "metadata": {"resourceVersion": "42"},
+                "status": {"loadBalancer": {"ingress": null}},
+            })
+        );
+        assert_eq!(
+            clear_patch("42", &[entry("10.0.0.6")]),
+            serde_json::json!({
+                "metadata": {"resourceVersion": "42"},
+                "status": {"loadBalancer": {"ingress": [{"ip": "10.0.0.6"}]}},
+            })
+        );
+    }
+
+    /// An Ingress `name` of class `class`, with status `ips`, uid `uid-<name>` and
+    /// resourceVersion `rv`.
+    fn ing(name: &str, class: &str, ips: &[&str], rv: &str) -> Ingress {
+        let mut i = ingress(
+            "default",
+            name,
+            vec![("a.example.com", "/", "Prefix", backend("svc", 80))],
+        );
+        if let Some(spec) = i.spec.as_mut() {
+            spec.ingress_class_name = Some(class.into());
+        }
+        i.metadata.uid = Some(format!("uid-{name}"));
+        i.metadata.resource_version = Some(rv.into());
+        i.status = with_status(ips).status;
+        i
+    }
+
+    fn names(clear: &[Clear]) -> Vec<&str> {
+        clear.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    #[test]
+    fn an_ingress_that_stops_being_ours_is_cleared_once() {
+        let ip = "10.0.0.5";
+        let builder = Builder::new(ClassFilter::default(), None);
+        let ours = |i: &Ingress| builder.is_ours(i, &[]);
+        let mut cleared = HashSet::new();
+
+        let gone_nginx = ing("moved", "nginx", &[ip], "7");
+        let ingresses = [
+            ing("new", "weir", &[], "1"),
+            ing("served", "weir", &[ip], "2"),
+            gone_nginx.clone(),
+            ing("shared", "nginx", &["10.0.0.6", ip], "8"),
+            ing("theirs", "nginx", &["10.0.0.6"], "9"),
+            ing("bare", "nginx", &[], "10"),
+        ];
+        let (publish, clear) = plan(&ingresses, ours, ip, &mut cleared);
+        assert_eq!(publish, [("default".to_string(), "new".to_string())]);
+        assert_eq!(names(&clear), ["moved", "shared"]);
+        assert_eq!(clear[0].patch, clear_patch("7", &[]));
+        assert_eq!(clear[1].patch, clear_patch("8", &[entry("10.0.0.6")]));
+        assert_eq!(
+            cleared,
+            HashSet::from(["uid-moved".into(), "uid-shared".into()])
+        );
+
+        // The cache has not seen our patch yet, or another controller on this node
+        // publishes the same address: weir does not write again.
+        let (_, clear) = plan(&ingresses, ours, ip, &mut cleared);
+        assert!(clear.is_empty(), "{clear:?}");
+        // Our patch came back: nothing to do, still remembered while not ours.
+        let ingresses = [
+            ing("moved", "nginx", &[], "11"),
+            ing("shared", "nginx", &["10.0.0.6"], "12"),
+        ];
+        let (publish, clear) = plan(&ingresses, ours, ip, &mut cleared);
+        assert!(
+            publish.is_empty() && clear.is_empty(),
+            "{publish:?} {clear:?}"
+        );
+        assert_eq!(cleared.len(), 2);
+
+        // Ours again: published, and forgotten; once it moves away again it is cleared again.
+        let back = [ing("moved", "weir", &[], "13")];
+        let (publish, _) = plan(&back, ours, ip, &mut cleared);
+        assert_eq!(publish, [("default".to_string(), "moved".to_string())]);
+        assert!(cleared.is_empty(), "{cleared:?}");
+        let (_, clear) = plan([&gone_nginx], ours, ip, &mut cleared);
+        assert_eq!(names(&clear), ["moved"]);
+
+        // A failed clear is forgotten by the patch task; the next rebuild tries again.
+        cleared.remove("uid-moved");
+        let (_, clear) = plan([&gone_nginx], ours, ip, &mut cleared);
+        assert_eq!(names(&clear), ["moved"]);
     }
 }
