@@ -13,6 +13,7 @@ pub mod annotations;
 pub mod balance;
 pub mod error;
 pub mod fixtures;
+pub mod h1;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

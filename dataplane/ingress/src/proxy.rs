@@ -18,6 +18,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use crate::balance::{Backend, EjectPolicy, Endpoint, InFlight, now_ms};
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::{Metrics, SeriesCache};
-use crate::pool::{Conn, Pool, PoolConfig};
+use crate::pool::{Conn, Pool, PoolConfig, Upstream};
 use crate::table::{Table, Target};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -93,18 +94,28 @@ impl ConnInfo {
     }
 
     /// `Forwarded` naming `host` (a value without quotes or backslashes).
-    fn forwarded_for(&self, host: &HeaderValue, host_str: &str) -> Option<HeaderValue> {
+    pub(crate) fn forwarded_for(&self, host: &str) -> Option<HeaderValue> {
         let mut last = self.forwarded_host.lock().ok();
         if let Some(Some((h, f))) = last.as_deref()
-            && h == host
+            && h.as_bytes() == host.as_bytes()
         {
             return Some(f.clone());
         }
-        let f = HeaderValue::try_from(format!("{};host=\"{host_str}\"", self.forwarded)).ok()?;
+        let f = HeaderValue::try_from(format!("{};host=\"{host}\"", self.forwarded)).ok()?;
         if let Some(last) = last.as_mut() {
-            **last = Some((host.clone(), f.clone()));
+            **last = Some((HeaderValue::try_from(host).ok()?, f.clone()));
         }
         Some(f)
+    }
+
+    /// The `X-Forwarded-For` value: the client's address.
+    pub(crate) fn xff(&self) -> &HeaderValue {
+        &self.xff
+    }
+
+    /// `Forwarded` without a host.
+    pub(crate) fn forwarded(&self) -> &str {
+        &self.forwarded
     }
 }
 
@@ -210,16 +221,16 @@ struct ExchangeError {
 /// labels are borrowed from the matched target rather than cloned: each clone is a
 /// reference-count update on a cache line that both workers write.
 #[derive(Default)]
-struct Outcome {
+pub(crate) struct Outcome {
     /// Whether the canary side was chosen; `None` until a backend is chosen.
-    canary: Option<bool>,
-    endpoint: Option<SocketAddr>,
-    attempts: u32,
+    pub(crate) canary: Option<bool>,
+    pub(crate) endpoint: Option<SocketAddr>,
+    pub(crate) attempts: u32,
 }
 
 impl Outcome {
     /// The route and upstream labels of the chosen side of `target`.
-    fn labels<'t>(
+    pub(crate) fn labels<'t>(
         &self,
         target: Option<&'t Target>,
     ) -> (Option<&'t Arc<str>>, Option<&'t Arc<str>>) {
@@ -234,16 +245,26 @@ impl Outcome {
     }
 }
 
+/// What the access log says of a request.
+pub(crate) struct Access<'a> {
+    pub(crate) method: &'a str,
+    pub(crate) host: &'a str,
+    pub(crate) path: &'a str,
+    pub(crate) version: Version,
+}
+
 /// The forwarding half of the ingress: one per worker thread, shared by its connections.
 pub struct Proxy {
-    table: Arc<ArcSwap<Table>>,
-    /// HTTP/1.1 upstream connections of this worker.
-    h1: Pool,
+    pub(crate) table: Arc<ArcSwap<Table>>,
+    /// HTTP/1.1 upstream connections of this worker for requests served through hyper.
+    h1: Pool<SendRequest<ReqBody>>,
+    /// Plain upstream sockets of this worker for the HTTP/1.1 fast path.
+    pub(crate) raw: Pool<Upstream>,
     /// HTTP/2 upstreams multiplex, so hyper-util's shared pool (one connection per
     /// endpoint) serves them.
     h2: Client<HttpConnector, ReqBody>,
-    cfg: ProxyConfig,
-    metrics: Arc<Metrics>,
+    pub(crate) cfg: ProxyConfig,
+    pub(crate) metrics: Arc<Metrics>,
     series: SeriesCache,
 }
 
@@ -251,8 +272,6 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 impl Proxy {
     pub fn new(table: Arc<ArcSwap<Table>>, cfg: ProxyConfig, metrics: Arc<Metrics>) -> Self {
@@ -267,14 +286,17 @@ impl Proxy {
             .pool_max_idle_per_host(16)
             // The proxy sets Host itself: the client's, not the endpoint address.
             .set_host(false);
-        let h1 = Pool::new(PoolConfig {
+        let pool_cfg = PoolConfig {
             connect_timeout: cfg.connect_timeout,
             ..PoolConfig::default()
-        });
+        };
+        let h1 = Pool::new(pool_cfg.clone());
+        let raw = Pool::new(pool_cfg);
         let h2 = builder.http2_only(true).build(connector);
         Proxy {
             table,
             h1,
+            raw,
             h2,
             cfg,
             metrics,
@@ -293,7 +315,10 @@ impl Proxy {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tick.tick() => self.h1.sweep(),
+                _ = tick.tick() => {
+                    self.h1.sweep();
+                    self.raw.sweep();
+                }
             }
         }
     }
@@ -334,35 +359,60 @@ impl Proxy {
         };
         let resp = match result {
             Ok(resp) => resp,
-            Err(e) => {
-                self.metrics.error(&e);
-                if e.kind != ErrorKind::NoRoute {
-                    tracing::warn!(error = %e, client = %conn.peer, "request failed");
-                }
-                local(
-                    e.kind.status(),
-                    format!(
-                        "{} {}: {e}\n",
-                        e.kind.status().as_u16(),
-                        e.kind.status().canonical_reason().unwrap_or("")
-                    ),
-                )
-            }
+            Err(e) => local(e.kind.status(), self.failure(&e, &conn)),
         };
-        let elapsed = start.elapsed();
-        let status = resp.status().as_u16();
-        let (route, upstream) = out.labels(target.as_deref());
+        let access = log.as_ref().map(|(method, uri, host, version)| Access {
+            method: method.as_str(),
+            host: host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
+            path: uri.path(),
+            version: *version,
+        });
+        self.finish(
+            &conn,
+            access,
+            target.as_deref(),
+            &out,
+            resp.status().as_u16(),
+            start.elapsed(),
+        );
+        Ok(resp)
+    }
+
+    /// Count a failed request and say why, as the body of its error response.
+    pub(crate) fn failure(&self, e: &ProxyError, conn: &ConnInfo) -> String {
+        self.metrics.error(e);
+        if e.kind != ErrorKind::NoRoute {
+            tracing::warn!(error = %e, client = %conn.peer, "request failed");
+        }
+        format!(
+            "{} {}: {e}\n",
+            e.kind.status().as_u16(),
+            e.kind.status().canonical_reason().unwrap_or("")
+        )
+    }
+
+    /// The metrics update and access-log line of one answered request.
+    pub(crate) fn finish(
+        &self,
+        conn: &ConnInfo,
+        access: Option<Access<'_>>,
+        target: Option<&Target>,
+        out: &Outcome,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let (route, upstream) = out.labels(target);
         self.metrics
             .request(&self.series, route, upstream, status, elapsed);
-        if let Some((method, uri, host, version)) = log {
+        if let Some(a) = access {
             tracing::info!(
                 target: "weir_ingress::access",
                 client = %conn.peer,
                 tls = conn.tls,
-                method = %method,
-                host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
-                path = uri.path(),
-                version = ?version,
+                method = a.method,
+                host = a.host,
+                path = a.path,
+                version = ?a.version,
                 status,
                 route = route.map_or("", |r| &**r),
                 upstream = upstream.map_or("", |u| &**u),
@@ -371,7 +421,6 @@ impl Proxy {
                 duration_us = elapsed.as_micros() as u64,
             );
         }
-        Ok(resp)
     }
 
     async fn forward(
@@ -589,7 +638,7 @@ impl Proxy {
         let forwarded = match host {
             Some((h, s)) => {
                 headers.insert(X_FORWARDED_HOST.clone(), h.clone());
-                conn.forwarded_for(h, s)
+                conn.forwarded_for(s)
             }
             None => HeaderValue::try_from(conn.forwarded.as_str()).ok(),
         };
@@ -664,7 +713,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -703,20 +752,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(n);
         }
     }
-    for h in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-    ] {
+    for h in HOP_BY_HOP {
         headers.remove(h);
     }
 }
+
+/// RFC 9110 §7.6.1's hop-by-hop headers, and the non-standard ones proxies also drop.
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
 
 fn chain_has<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
@@ -776,7 +828,7 @@ mod tests {
             (&b, "for=10.0.0.1;proto=http;host=\"b.example\""),
             (&a, "for=10.0.0.1;proto=http;host=\"a.example\""),
         ] {
-            let got = c.forwarded_for(h, h.to_str().expect("ascii"));
+            let got = c.forwarded_for(h.to_str().expect("ascii"));
             assert_eq!(got.as_ref().and_then(|v| v.to_str().ok()), Some(want));
         }
     }

@@ -3,7 +3,6 @@
 //! timeouts against slow clients, and graceful shutdown — stop accepting, let in-flight
 //! requests finish, close what is left at the deadline. Also the metrics listener.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::h1;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnInfo, Proxy};
 
@@ -60,6 +60,10 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
+    let limits = Arc::new(h1::Limits {
+        header_read_timeout: cfg.header_read_timeout,
+        max_header_bytes: cfg.max_header_bytes,
+    });
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     loop {
@@ -76,12 +80,14 @@ pub async fn serve(
             },
         };
         let watcher = graceful.watcher();
-        let (proxy, builder, tls, timeout) = (
+        let (proxy, builder, tls, limits, shutdown) = (
             proxy.clone(),
             builder.clone(),
             tls.clone(),
-            cfg.header_read_timeout,
+            limits.clone(),
+            shutdown.clone(),
         );
+        let timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             match tls {
@@ -91,14 +97,24 @@ pub async fn serve(
                     let mut first = [0u8; 1];
                     match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
                         Ok(Ok(n)) if n > 0 => {
-                            serve_conn(stream, peer, false, proxy, &builder, watcher).await
+                            let info = Arc::new(ConnInfo::new(peer, false));
+                            // The watcher is held while the fast path serves, so that
+                            // shutdown waits for its in-flight request too.
+                            let served = h1::serve(stream, &proxy, &info, &limits, &shutdown).await;
+                            if let h1::Served::Hyper(stream, read) = served {
+                                let io = h1::Rewind::new(stream, read);
+                                serve_conn(io, info, proxy, &builder, watcher).await
+                            }
                         }
                         _ => tracing::debug!(%peer, "connection closed or idle before a request"),
                     }
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_conn(tls, peer, true, proxy, &builder, watcher).await,
+                        Ok(Ok(tls)) => {
+                            let info = Arc::new(ConnInfo::new(peer, true));
+                            serve_conn(tls, info, proxy, &builder, watcher).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -118,15 +134,14 @@ pub async fn serve(
 
 async fn serve_conn<I>(
     io: I,
-    peer: SocketAddr,
-    tls: bool,
+    info: Arc<ConnInfo>,
     proxy: Arc<Proxy>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: Watcher,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let info = Arc::new(ConnInfo::new(peer, tls));
+    let peer = info.peer;
     let svc = service_fn(move |req| proxy.clone().handle(req, info.clone()));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     if let Err(e) = watcher.watch(conn.into_owned()).await {

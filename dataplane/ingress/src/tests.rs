@@ -1,7 +1,7 @@
 //! End-to-end tests of the proxy on real loopback sockets: real HTTP/1.1 and h2c clients,
 //! real TLS handshakes with SNI and ALPN, real WebSocket-style upgrades, real backends that
 //! answer, hang, reset or vanish. The routing table is built from constructed Kubernetes
-//! objects; `watch` is exercised against the API server in `tests/ingress_apiserver.rs`.
+//! objects; `watch` is exercised against the API server in `tests/apiserver.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -892,4 +892,205 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
         .expect("drained in time")
         .expect("join");
     assert!(TcpStream::connect(h.http).await.is_err(), "listener closed");
+}
+
+/// A scripted HTTP/1.1 backend on raw sockets: for each request head it reads, it writes
+/// `reply(method, path)` and then closes if the reply says `close`. A `|` in the reply
+/// splits it into two writes 20 ms apart, so the proxy must read a response in pieces.
+/// Counts connections.
+async fn scripted(
+    reply: fn(&str, &str) -> (&'static str, bool),
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let mut line = head.split(' ');
+                    let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+                    let (bytes, close) = reply(method, path);
+                    for (i, part) in bytes.split('|').enumerate() {
+                        if i > 0 {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        if s.write_all(part.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                    if close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Read one response with a Content-Length body from a raw connection.
+async fn read_response(s: &mut TcpStream) -> (String, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.expect("read body");
+    (head, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test]
+async fn fast_path_passes_every_response_framing_through_on_one_upstream_connection() {
+    let (up, accepted) = scripted(|method, path| match (method, path) {
+        (_, "/chunked") => (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\n5\r\nhello\r\n7;x=y\r\n, wo|rld\r\n0\r\nx-trailer: 1\r\n\r\n",
+            false,
+        ),
+        (_, "/interim") => (
+            "HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n|HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\ninte|rim",
+            false,
+        ),
+        (_, "/nocontent") => ("HTTP/1.1 204 No Content\r\n\r\n", false),
+        ("HEAD", _) => ("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n", false),
+        (_, "/close") => ("HTTP/1.1 200 OK\r\n\r\nuntil |the end", true),
+        _ => ("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+    })
+    .await;
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[up], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let c = h1_client();
+    for _ in 0..2 {
+        assert_eq!(
+            get(&c, &h.url("/chunked"), "x").await,
+            (StatusCode::OK, "hello, world".to_string())
+        );
+        assert_eq!(
+            get(&c, &h.url("/interim"), "x").await,
+            (StatusCode::OK, "interim".to_string())
+        );
+        assert_eq!(
+            get(&c, &h.url("/nocontent"), "x").await,
+            (StatusCode::NO_CONTENT, String::new())
+        );
+        let head = Request::head(h.url("/"))
+            .header("host", "x")
+            .body(Full::default())
+            .expect("request");
+        let resp = c.request(head).await.expect("HEAD");
+        assert_eq!(resp.headers()["content-length"], "10");
+        assert!(
+            resp.into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
+                .is_empty()
+        );
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "chunked, interim, 204 and HEAD responses all left the upstream connection reusable"
+    );
+    // A body delimited by the upstream closing reaches the client, which is told to close.
+    let resp = raw(h.http, b"GET /close HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(resp.contains("connection: close\r\n"), "{resp}");
+    assert!(resp.ends_with("\r\n\r\nuntil the end"), "{resp}");
+    // Hop-by-hop headers of the response are gone, framing stays.
+    let resp = raw(
+        h.http,
+        b"GET /chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.contains("transfer-encoding: chunked\r\n"), "{resp}");
+    assert!(!resp.contains("keep-alive"), "{resp}");
+    assert!(resp.ends_with("0\r\nx-trailer: 1\r\n\r\n"), "{resp}");
+}
+
+#[tokio::test]
+async fn a_connection_hands_over_to_hyper_for_a_chunked_body_and_an_upgrade() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    // Served by the fast path.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "pod=a");
+    // A chunked request body: hyper takes over the connection from here.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "abc");
+    // And an upgrade on the same connection becomes a tunnel.
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ping(&mut s, b"through the tunnel").await;
+}
+
+#[tokio::test]
+async fn pooled_connections_the_endpoint_closed_are_replaced_without_an_error() {
+    // Each connection answers one request, without saying it will close.
+    let (up, accepted) =
+        scripted(|_, _| ("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true)).await;
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[up], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let c = h1_client();
+    for _ in 0..5 {
+        assert_eq!(
+            get(&c, &h.url("/"), "x").await,
+            (StatusCode::OK, "ok".to_string())
+        );
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
 }

@@ -2,6 +2,8 @@
 //! dir, temp data dir, free port, the kubeconfig it writes) stores a Service, an
 //! EndpointSlice and an Ingress created through kube-rs; the proxy's watch picks them up
 //! and serves them, and a change made through the API reaches the proxy without a restart.
+//! The proxy publishes its address in the status of the Ingresses it serves, and takes it
+//! out again when one stops being its own.
 //!
 //! Needs the `weir` binary: `cargo build -p weir` (or set WEIR_BIN).
 
@@ -17,8 +19,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::Ingress;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use weir_ingress::fixtures::{backend, ingress, service, slice};
 use weir_ingress::{Args, CancellationToken};
 
@@ -103,6 +105,41 @@ async fn eventually(url: &str, host: &str, want: &str) {
     panic!("{url} (host {host}) never answered {want:?}; last answer: {last}");
 }
 
+/// Wait up to 15 s for the addresses in Ingress `name`'s `status.loadBalancer.ingress` to
+/// be `want` (`None`: no list at all, as in `loadBalancer: {}`), and return the Ingress.
+async fn status_becomes(api: &Api<Ingress>, name: &str, want: Option<&[&str]>) -> Ingress {
+    let want = want.map(|w| w.iter().map(|ip| Some(ip.to_string())).collect::<Vec<_>>());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ing = api.get_status(name).await.expect("get ingress status");
+        let ips = ing
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .map(|l| l.iter().map(|i| i.ip.clone()).collect::<Vec<_>>());
+        if ips == want {
+            return ing;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: status.loadBalancer.ingress never became {want:?}: {ips:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A status merge patch setting `status.loadBalancer.ingress` to `ips`.
+fn lb_status(ips: &[&str]) -> Patch<serde_json::Value> {
+    let ingress: Vec<_> = ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
+    Patch::Merge(serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}}))
+}
+
+/// A merge patch setting `spec.ingressClassName` to `class`.
+fn class(class: &str) -> Patch<serde_json::Value> {
+    Patch::Merge(serde_json::json!({"spec": {"ingressClassName": class}}))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_through_the_api_server_reach_the_proxy() {
     let bin = weir_bin();
@@ -184,29 +221,7 @@ async fn changes_through_the_api_server_reach_the_proxy() {
     eventually(&url, "hello.example.com", "pod=a").await;
 
     // The proxy publishes its listen address (127.0.0.1 here) in the Ingress status.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let ing = ingresses
-            .get_status("hello")
-            .await
-            .expect("get ingress status");
-        let ips: Vec<Option<String>> = ing
-            .status
-            .and_then(|s| s.load_balancer)
-            .and_then(|lb| lb.ingress)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|i| i.ip)
-            .collect();
-        if ips == [Some("127.0.0.1".to_string())] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "status.loadBalancer.ingress never became [127.0.0.1]: {ips:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    status_becomes(&ingresses, "hello", Some(&["127.0.0.1"])).await;
 
     // Point the Ingress at the other Service through the API.
     let patch = serde_json::json!({"spec": {"rules": [{"host": "hello.example.com", "http": {"paths": [
@@ -225,6 +240,81 @@ async fn changes_through_the_api_server_reach_the_proxy() {
         .await
         .expect("patch slice");
     eventually(&url, "hello.example.com", "pod=a").await;
+
+    // Ingresses of another class: one shows only its controller's address and is never
+    // touched; one also shows ours (written while it was ours) and loses only that entry.
+    for name in ["theirs", "shared"] {
+        let mut i = ingress(
+            "default",
+            name,
+            vec![("other.example.com", "/", "Prefix", backend("svc-a", 80))],
+        );
+        i.spec
+            .as_mut()
+            .expect("fixture has a spec")
+            .ingress_class_name = Some("nginx".into());
+        ingresses.create(&pp, &i).await.expect("create ingress");
+    }
+    let theirs = ingresses
+        .patch_status(
+            "theirs",
+            &PatchParams::default(),
+            &lb_status(&["192.0.2.7"]),
+        )
+        .await
+        .expect("patch status");
+    ingresses
+        .patch_status(
+            "shared",
+            &PatchParams::default(),
+            &lb_status(&["192.0.2.7", "127.0.0.1"]),
+        )
+        .await
+        .expect("patch status");
+    status_becomes(&ingresses, "shared", Some(&["192.0.2.7"])).await;
+
+    // An IngressClass with weir's controller makes an Ingress ours; deleting the class (its
+    // controller is immutable) makes it not ours, and our address goes.
+    let classes: Api<IngressClass> = Api::all(client.clone());
+    let mine: IngressClass = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "mine"},
+        "spec": {"controller": "weir.io/ingress-controller"},
+    }))
+    .expect("IngressClass");
+    classes
+        .create(&pp, &mine)
+        .await
+        .expect("create ingressclass");
+    ingresses
+        .patch("hello", &PatchParams::default(), &class("mine"))
+        .await
+        .expect("patch ingress");
+    eventually(&url, "hello.example.com", "pod=a").await;
+    status_becomes(&ingresses, "hello", Some(&["127.0.0.1"])).await;
+    classes
+        .delete("mine", &DeleteParams::default())
+        .await
+        .expect("delete ingressclass");
+    status_becomes(&ingresses, "hello", None).await;
+
+    // Ours again: published again; then another class by name: cleared again.
+    ingresses
+        .patch("hello", &PatchParams::default(), &class("weir"))
+        .await
+        .expect("patch ingress");
+    status_becomes(&ingresses, "hello", Some(&["127.0.0.1"])).await;
+    ingresses
+        .patch("hello", &PatchParams::default(), &class("nginx"))
+        .await
+        .expect("patch ingress");
+    status_becomes(&ingresses, "hello", None).await;
+
+    let now = ingresses.get_status("theirs").await.expect("get ingress");
+    assert_eq!(
+        now.metadata.resource_version, theirs.metadata.resource_version,
+        "an Ingress without our address was written: {:?}",
+        now.status
+    );
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), proxy)
