@@ -67,6 +67,7 @@ enum Plan {
         target: Arc<Target>,
         method: Method,
         send: usize,
+        bodiless: bool,
     },
     /// Answer with this error.
     Fail(ProxyError),
@@ -159,19 +160,15 @@ pub async fn serve(
                 target,
                 method,
                 send: n,
+                bodiless,
             } => {
-                let r = forward(
-                    proxy,
-                    conn,
-                    &mut down,
-                    &target,
-                    &method,
-                    &send[..n],
+                let req = Request {
+                    method: &method,
+                    send: &send[..n],
+                    bodiless,
                     close,
-                    &mut head,
-                    &mut out,
-                )
-                .await;
+                };
+                let r = forward(proxy, conn, &mut down, &target, req, &mut head, &mut out).await;
                 (r.status, Some(target), r.keep)
             }
         };
@@ -222,7 +219,7 @@ fn parse_request(
         return Err(Hyper);
     }
     let mut host = None;
-    let mut body_len = 0usize;
+    let mut body_len = None;
     let mut close = false;
     let mut named = Tokens::default();
     for h in req.headers.iter() {
@@ -233,14 +230,10 @@ fn parse_request(
             }
             host = Some(std::str::from_utf8(h.value).map_err(|_| Hyper)?);
         } else if name.eq_ignore_ascii_case(b"content-length") {
-            if body_len != 0 {
+            if body_len.is_some() {
                 return Err(Hyper);
             }
-            body_len = std::str::from_utf8(h.value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse().ok())
-                .ok_or(Hyper)?;
+            body_len = Some(content_length(h.value).ok_or(Hyper)?);
         } else if name.eq_ignore_ascii_case(b"connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
@@ -260,6 +253,7 @@ fn parse_request(
         }
     }
     let host = host.ok_or(Hyper)?;
+    let body_len = usize::try_from(body_len.unwrap_or(0)).map_err(|_| Hyper)?;
     if body_len > MAX_FAST_BODY.min(proxy.cfg.max_body_bytes as usize) {
         return Err(Hyper);
     }
@@ -334,6 +328,7 @@ fn parse_request(
             target: routed,
             method,
             send: send.len(),
+            bodiless: body_len == 0,
         },
         close,
         access,
@@ -380,6 +375,14 @@ fn is_forwarding(name: &[u8]) -> bool {
     .any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// A `Content-Length` value: digits only (no sign, no list), as RFC 9110 §8.6 requires.
+fn content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
@@ -395,25 +398,38 @@ struct Forwarded {
     keep: bool,
 }
 
-/// Forward one request (`send`) to an endpoint of `target`, retrying idempotent ones on
-/// another endpoint after a failure, and stream the response to `down`.
-#[allow(clippy::too_many_arguments)]
+/// A request ready to go upstream.
+struct Request<'a> {
+    method: &'a Method,
+    /// The rewritten head and the body.
+    send: &'a [u8],
+    bodiless: bool,
+    /// The client connection ends after this request.
+    close: bool,
+}
+
+/// Forward `req` to an endpoint of `target`, retrying idempotent requests without a body
+/// on another endpoint after a failure, and stream the response to `down`.
 async fn forward(
     proxy: &Proxy,
     conn: &ConnInfo,
     down: &mut TcpStream,
     target: &Target,
-    method: &Method,
-    send: &[u8],
-    close: bool,
+    req: Request<'_>,
     head: &mut Vec<u8>,
     out: &mut Outcome,
 ) -> Forwarded {
+    let Request {
+        method,
+        send,
+        bodiless,
+        close,
+    } = req;
     // Header-matched canaries went to hyper; a weighted one needs no headers.
     let (route, backend) = target.choose(&http::HeaderMap::new());
     out.canary = Some(!std::ptr::eq(route, &target.route));
     let idempotent = is_idempotent(method);
-    let retryable = idempotent && send.ends_with(b"\r\n\r\n");
+    let retryable = idempotent && bodiless;
     let timeout = target.read_timeout.unwrap_or(proxy.cfg.read_timeout);
     let mut tried = Vec::new();
     let mut last_error = None;
@@ -611,11 +627,7 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<RespHead>, Ex
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or(ExchangeError::Invalid("bad content-length"))?;
+            let n = content_length(h.value).ok_or(ExchangeError::Invalid("bad content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(ExchangeError::Invalid("conflicting content-length"));
             }

@@ -2,8 +2,9 @@
 //! of Services, over HTTP/1.1, h2c and TLS (ALPN h2/http1.1, SNI certificates from Secrets).
 //!
 //! Data flow: API server → [`watch`] (kube-rs reflectors) → [`table::Snapshot`] →
-//! [`table::Builder::build`] (pure) → `ArcSwap<Table>` → [`proxy::Proxy`] per request, on
-//! connections accepted by [`server`]. A change swaps the table; nothing reloads, and
+//! [`table::Builder::build`] (pure) → `ArcSwap<Table>` → per request, on connections
+//! accepted by [`server`]: the plain HTTP/1.1 fast path [`h1`], or hyper and
+//! [`proxy::Proxy::handle`] for everything else. A change swaps the table; nothing reloads, and
 //! in-flight requests, keep-alive connections and WebSockets are untouched.
 //!
 //! Entry points: [`run`] (watch + serve, for `weir up` and `weir ingress`), and
