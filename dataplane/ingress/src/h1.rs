@@ -1,4 +1,5 @@
-//! The HTTP/1.1 fast path of plain-text connections: requests are parsed with httparse
+//! The HTTP/1.1 fast path, on plain connections and on TLS ones that did not negotiate
+//! h2: requests are parsed with httparse
 //! and forwarded over plain pooled upstream sockets, their heads rewritten as bytes, with
 //! no per-request task, channel or header map. Pingora serves HTTP/1.1 the same way.
 //!
@@ -23,7 +24,6 @@ use bytes::{Buf, BytesMut};
 use futures::FutureExt;
 use http::{Method, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::balance::{InFlight, now_ms};
@@ -47,11 +47,11 @@ const READ_SIZE: usize = 16 * 1024;
 const CLIENT_READ_SIZE: usize = 4 * 1024;
 
 /// How a connection left the fast path.
-pub enum Served {
+pub enum Served<I> {
     /// Finished: the client closed, timed out or asked to close, or shutdown began.
     Closed,
     /// hyper must serve the rest of the connection, starting with these bytes.
-    Hyper(TcpStream, BytesMut),
+    Hyper(I, BytesMut),
 }
 
 /// Limits of the fast path, from the server's configuration.
@@ -90,14 +90,14 @@ struct OwnedAccess {
     path: String,
 }
 
-/// Serve plain HTTP/1.1 requests on `down` until it closes or needs hyper.
-pub async fn serve(
-    mut down: TcpStream,
+/// Serve HTTP/1.1 requests on `down` until it closes or needs hyper.
+pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
+    mut down: I,
     proxy: &Proxy,
     conn: &ConnInfo,
     limits: &Limits,
     shutdown: &CancellationToken,
-) -> Served {
+) -> Served<I> {
     let mut buf = BytesMut::with_capacity(CLIENT_READ_SIZE);
     let mut send = Vec::with_capacity(1024);
     let mut head = Vec::new();
@@ -281,7 +281,7 @@ fn parse_request(
             access,
         }));
     };
-    if routed.ssl_redirect
+    if (routed.ssl_redirect && !conn.tls)
         || routed.backend.h2
         || routed
             .canary
@@ -410,10 +410,10 @@ struct Request<'a> {
 
 /// Forward `req` to an endpoint of `target`, retrying idempotent requests without a body
 /// on another endpoint after a failure, and stream the response to `down`.
-async fn forward(
+async fn forward<I: AsyncWrite + Unpin>(
     proxy: &Proxy,
     conn: &ConnInfo,
-    down: &mut TcpStream,
+    down: &mut I,
     target: &Target,
     req: Request<'_>,
     head: &mut Vec<u8>,
@@ -720,8 +720,8 @@ fn response_head(upstream: &[u8], close: bool, out: &mut Vec<u8>) -> Result<(), 
 /// Send `head` (the rewritten response head) and stream the body that follows the upstream
 /// head at the start of `up`'s buffer to `down`; the connection goes back to the pool if
 /// the response ended cleanly. `close` ends the client connection afterwards.
-async fn respond(
-    down: &mut TcpStream,
+async fn respond<I: AsyncWrite + Unpin>(
+    down: &mut I,
     mut up: Pooled<Upstream>,
     resp: RespHead,
     close: bool,
@@ -767,6 +767,11 @@ async fn respond(
                 return broken(false);
             }
         }
+    }
+    // TLS holds written records until flushed; a plain socket's flush does nothing.
+    if let Err(e) = down.flush().await {
+        tracing::debug!(error = %e, "client went away mid-response");
+        return broken(false);
     }
     // Bytes past the response would be a reply to nothing: the connection is not reused.
     if !resp.close && u.buf.is_empty() {
@@ -903,7 +908,7 @@ impl Chunked {
 }
 
 /// Write `a` then `b` with as few system calls as the socket allows (one, normally).
-async fn write_two(s: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
+async fn write_two<I: AsyncWrite + Unpin>(s: &mut I, a: &[u8], b: &[u8]) -> io::Result<()> {
     if b.is_empty() {
         return s.write_all(a).await;
     }
@@ -922,8 +927,8 @@ async fn write_two(s: &mut TcpStream, a: &[u8], b: &[u8]) -> io::Result<()> {
 }
 
 /// An answer from the proxy itself.
-async fn write_local(
-    down: &mut TcpStream,
+async fn write_local<I: AsyncWrite + Unpin>(
+    down: &mut I,
     status: http::StatusCode,
     body: &str,
     close: bool,
@@ -935,22 +940,23 @@ async fn write_local(
         body.len(),
         if close { "connection: close\r\n" } else { "" },
     );
-    write_two(down, head.as_bytes(), body.as_bytes()).await
+    write_two(down, head.as_bytes(), body.as_bytes()).await?;
+    down.flush().await
 }
 
 /// A connection handed to hyper: the bytes the fast path read come first.
-pub struct Rewind {
+pub struct Rewind<I> {
     prefix: BytesMut,
-    io: TcpStream,
+    io: I,
 }
 
-impl Rewind {
-    pub fn new(io: TcpStream, prefix: BytesMut) -> Self {
+impl<I> Rewind<I> {
+    pub fn new(io: I, prefix: BytesMut) -> Self {
         Rewind { prefix, io }
     }
 }
 
-impl AsyncRead for Rewind {
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -966,7 +972,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

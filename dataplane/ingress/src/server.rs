@@ -1,7 +1,9 @@
 //! Downstream listeners: plain HTTP (HTTP/1.1 and h2c prior knowledge, detected per
 //! connection) and TLS (ALPN h2/http1.1, SNI certificates), with header-read and handshake
 //! timeouts against slow clients, and graceful shutdown — stop accepting, let in-flight
-//! requests finish, close what is left at the deadline. Also the metrics listener.
+//! requests finish, close what is left at the deadline. HTTP/1.1 connections start on the
+//! fast path ([`crate::h1`]) and move to hyper when a request needs it; h2 connections are
+//! hyper's from the start. Also the metrics listener.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,7 +115,14 @@ pub async fn serve(
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let info = Arc::new(ConnInfo::new(peer, true));
-                            serve_conn(tls, info, proxy, &builder, watcher).await
+                            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                return serve_conn(tls, info, proxy, &builder, watcher).await;
+                            }
+                            let served = h1::serve(tls, &proxy, &info, &limits, &shutdown).await;
+                            if let h1::Served::Hyper(tls, read) = served {
+                                let io = h1::Rewind::new(tls, read);
+                                serve_conn(io, info, proxy, &builder, watcher).await
+                            }
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

@@ -485,6 +485,16 @@ async fn tls_sni_alpn_default_certificate_and_live_certificate_swap() {
         send.send_request(req).await.expect("response").status(),
         StatusCode::OK
     );
+    // A second request on the same connection (the fast path keeps TLS connections alive).
+    let req = Request::get("/headers")
+        .header("host", "secure.example.com")
+        .body(Full::<Bytes>::default())
+        .expect("req");
+    let resp = send.send_request(req).await.expect("second response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("x-forwarded-proto: https"), "{body}");
 
     // Unknown SNI: the default certificate, not an error and not a panic.
     let tls = tls_connect(h.https, "unknown.example.org", &[b"http/1.1"]).await;
