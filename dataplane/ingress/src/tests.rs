@@ -1104,3 +1104,52 @@ async fn pooled_connections_the_endpoint_closed_are_replaced_without_an_error() 
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 5);
 }
+
+#[tokio::test]
+async fn fast_path_reads_heads_in_pieces_answers_pipelined_requests_in_order_and_survives_garbage()
+{
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    // A head that arrives a byte at a time.
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    for b in b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n" {
+        s.write_all(std::slice::from_ref(b)).await.expect("write");
+    }
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "pod=a");
+    // Three requests in one write, answered in order on the same connection.
+    s.write_all(
+        b"GET /headers HTTP/1.1\r\nHost: x\r\nX-N: 1\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /headers HTTP/1.1\r\nHost: x\r\nX-N: 3\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let (_, first) = read_response(&mut s).await;
+    assert!(first.contains("x-n: 1"), "{first}");
+    let (_, second) = read_response(&mut s).await;
+    assert_eq!(second, "abc");
+    let (_, third) = read_response(&mut s).await;
+    assert!(third.contains("x-n: 3"), "{third}");
+    // Garbage in several shapes: an error or a close, never a hang or a crash.
+    for junk in [
+        &b"\x00\x01\x02\xff\xfe\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n",
+        b"GET / HTTP/9.9\r\nHost: x\r\n\r\n",
+    ] {
+        let resp = raw(h.http, junk).await;
+        assert!(
+            resp.is_empty() || resp.starts_with("HTTP/1.1 400"),
+            "{junk:?}: {resp}"
+        );
+    }
+    assert_eq!(get(&h1_client(), &h.url("/"), "x").await.0, StatusCode::OK);
+}
