@@ -2,17 +2,7 @@
 //! prefix `ingress.weir.io/` and under ingress-nginx's `nginx.ingress.kubernetes.io/`, so
 //! manifests written for ingress-nginx apply unchanged; weir's prefix wins if both are set.
 //!
-//! | annotation | value | effect |
-//! |---|---|---|
-//! | `ssl-redirect` | `true`/`false` | redirect plain HTTP to HTTPS (308) for hosts listed under `spec.tls`; default `true` |
-//! | `force-ssl-redirect` | `true`/`false` | redirect even for hosts without TLS; default `false` |
-//! | `proxy-read-timeout` | seconds (`30`) or `500ms`/`30s`/`2m` | time allowed for the response headers, else 504 |
-//! | `load-balance` | `least_request` (also `ewma`) or `round_robin` | endpoint choice; default least request of two |
-//! | `canary` | `true` | this Ingress is a canary for the main Ingress with the same host and path |
-//! | `canary-weight` | 0..=`canary-weight-total` | percentage of requests sent to the canary |
-//! | `canary-weight-total` | integer, default 100 | the denominator of `canary-weight` |
-//! | `canary-by-header` | header name | `always` sends to the canary, `never` to the main backend |
-//! | `canary-by-header-value` | value | with `canary-by-header`: this exact value sends to the canary |
+//! The annotations, their values and effects are listed for operators in `docs/ingress.md`.
 //!
 //! A value that does not parse is reported (naming the Ingress and annotation) and ignored.
 
