@@ -241,7 +241,12 @@ fn parse_request(
                     close = true;
                 } else if t.eq_ignore_ascii_case(b"upgrade") {
                     return Err(Hyper);
-                } else if !t.is_empty() {
+                } else if !t.is_empty()
+                    // The body is forwarded as received: without its Content-Length the
+                    // endpoint would read it as the next request. Host is end-to-end.
+                    && !t.eq_ignore_ascii_case(b"content-length")
+                    && !t.eq_ignore_ascii_case(b"host")
+                {
                     named.push(t)?;
                 }
             }

@@ -1153,3 +1153,30 @@ async fn fast_path_reads_heads_in_pieces_answers_pipelined_requests_in_order_and
     }
     assert_eq!(get(&h1_client(), &h.url("/"), "x").await.0, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn connection_options_never_remove_a_requests_framing_or_host() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    // Were Content-Length dropped as a connection option, the body would reach the
+    // endpoint as the next request on a pooled connection: a smuggled request.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, "abc");
+    s.write_all(b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: host\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_response(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(body.contains("\nhost: x\n"), "{body}");
+}
