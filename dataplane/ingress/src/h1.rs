@@ -686,7 +686,9 @@ fn response_head(upstream: &[u8], close: bool, out: &mut Vec<u8>) -> Result<(), 
     resp.parse(upstream)
         .map_err(|_| ExchangeError::Invalid("malformed head"))?;
     let mut named = Tokens::default();
+    let mut te = false;
     for h in resp.headers.iter() {
+        te |= h.name.eq_ignore_ascii_case("transfer-encoding");
         if h.name.eq_ignore_ascii_case("connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
@@ -710,7 +712,10 @@ fn response_head(upstream: &[u8], close: bool, out: &mut Vec<u8>) -> Result<(), 
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let framing = name.eq_ignore_ascii_case(b"transfer-encoding");
-        if (is_hop_by_hop(name) && !framing) || named.contains(name) {
+        // Transfer-Encoding overrides a Content-Length, which an intermediary removes
+        // (RFC 9112 §6.3) so that no client downstream frames the body by it.
+        let overridden = te && name.eq_ignore_ascii_case(b"content-length");
+        if (is_hop_by_hop(name) && !framing) || overridden || named.contains(name) {
             continue;
         }
         put_header(out, name, h.value);

@@ -1180,3 +1180,36 @@ async fn connection_options_never_remove_a_requests_framing_or_host() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("\nhost: x\n"), "{body}");
 }
+
+#[tokio::test]
+async fn a_response_with_both_framings_reaches_the_client_without_its_content_length() {
+    let (up, _) = scripted(|_, _| {
+        (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            false,
+        )
+    })
+    .await;
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[up], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    // RFC 9112 §6.3: an intermediary removes Content-Length before forwarding such a
+    // message; a client that trusted it would read the chunked bytes as two responses.
+    let resp = raw(
+        h.http,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(resp.contains("transfer-encoding: chunked\r\n"), "{resp}");
+    assert!(
+        !resp.to_ascii_lowercase().contains("content-length"),
+        "{resp}"
+    );
+    assert!(resp.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{resp}");
+}
