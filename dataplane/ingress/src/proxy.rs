@@ -245,6 +245,107 @@ impl Outcome {
     }
 }
 
+/// The endpoints one request may try: picking them, the retry budget, and the error that
+/// answers the request when no try is left.
+pub(crate) struct Attempts<'b> {
+    backend: &'b Backend,
+    retryable: bool,
+    retries: usize,
+    tried: Vec<SocketAddr>,
+    last_error: Option<ProxyError>,
+}
+
+/// One try at one endpoint.
+pub(crate) struct Attempt<'b> {
+    pub(crate) endpoint: &'b Arc<Endpoint>,
+    /// Another endpoint will be tried if this one fails.
+    pub(crate) may_retry: bool,
+    now: u64,
+}
+
+impl<'b> Attempts<'b> {
+    pub(crate) fn new(backend: &'b Backend, retryable: bool, retries: usize) -> Self {
+        Attempts {
+            backend,
+            retryable,
+            retries,
+            tried: Vec::new(),
+            last_error: None,
+        }
+    }
+
+    /// The next endpoint to try, or the error to answer with.
+    pub(crate) fn next(&mut self, out: &mut Outcome) -> Result<Attempt<'b>, ProxyError> {
+        let now = now_ms();
+        let Some(endpoint) = self.backend.pick(&self.tried, now) else {
+            return Err(self.last_error.take().unwrap_or_else(|| {
+                ProxyError::new(
+                    ErrorKind::NoEndpoints,
+                    format!("service {} has no ready endpoints", self.backend.name),
+                )
+            }));
+        };
+        out.endpoint = Some(endpoint.addr);
+        out.attempts += 1;
+        let may_retry = self.retryable
+            && self.tried.len() < self.retries
+            && self.backend.endpoints.len() > self.tried.len() + 1;
+        Ok(Attempt {
+            endpoint,
+            may_retry,
+            now,
+        })
+    }
+
+    /// Count a failed try (a connect failure towards ejecting the endpoint); the error is
+    /// the answer when no other endpoint will be tried.
+    pub(crate) fn failed(
+        &mut self,
+        attempt: Attempt<'b>,
+        connect: bool,
+        source: BoxError,
+        eject: &EjectPolicy,
+    ) -> Result<(), ProxyError> {
+        let Attempt {
+            endpoint,
+            may_retry,
+            now,
+        } = attempt;
+        let kind = if connect {
+            if endpoint.connect_failed(eject, now) {
+                tracing::warn!(endpoint = %endpoint.addr, upstream = %self.backend.name, "endpoint ejected after consecutive connect failures");
+            }
+            ErrorKind::ConnectFailed
+        } else {
+            ErrorKind::UpstreamFailed
+        };
+        let err = ProxyError::new(
+            kind,
+            format!("endpoint {} of {}", endpoint.addr, self.backend.name),
+        )
+        .with_source(source)
+        .retryable(self.retryable);
+        if !may_retry {
+            return Err(err);
+        }
+        tracing::debug!(error = %err, "retrying on another endpoint");
+        self.tried.push(endpoint.addr);
+        self.last_error = Some(err);
+        Ok(())
+    }
+}
+
+/// The answer when an endpoint sent no response head within `timeout`.
+pub(crate) fn timed_out(endpoint: &Endpoint, timeout: Duration) -> ProxyError {
+    ProxyError::new(
+        ErrorKind::UpstreamTimeout,
+        format!(
+            "endpoint {} sent no response within {timeout:?}",
+            endpoint.addr
+        ),
+    )
+}
+
 /// What the access log says of a request.
 pub(crate) struct Access<'a> {
     pub(crate) method: &'a str,
@@ -490,23 +591,10 @@ impl Proxy {
         });
         let retryable = empty && !upgrade && is_idempotent(&method);
         let timeout = target.read_timeout.unwrap_or(self.cfg.read_timeout);
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut last_error = None;
+        let mut attempts = Attempts::new(backend, retryable, self.cfg.retries);
         loop {
-            let now = now_ms();
-            let Some(endpoint) = backend.pick(&tried, now) else {
-                return Err(last_error.unwrap_or_else(|| {
-                    ProxyError::new(
-                        ErrorKind::NoEndpoints,
-                        format!("service {} has no ready endpoints", backend.name),
-                    )
-                }));
-            };
-            out.endpoint = Some(endpoint.addr);
-            out.attempts += 1;
-            let may_retry = retryable
-                && tried.len() < self.cfg.retries
-                && backend.endpoints.len() > tried.len() + 1;
+            let attempt = attempts.next(out)?;
+            let (endpoint, may_retry) = (attempt.endpoint, attempt.may_retry);
             // HTTP/1.1 connections take the origin form as is; hyper-util's client wants
             // the endpoint in the URI to find its connection.
             let uri = if backend.h2 {
@@ -553,15 +641,7 @@ impl Proxy {
                     }));
                 }
                 Ok(Err(e)) => e,
-                Err(_) => {
-                    return Err(ProxyError::new(
-                        ErrorKind::UpstreamTimeout,
-                        format!(
-                            "endpoint {} sent no response within {timeout:?}",
-                            endpoint.addr
-                        ),
-                    ));
-                }
+                Err(_) => return Err(timed_out(endpoint, timeout)),
             };
             if chain_has::<LengthLimitError>(&*e.source) {
                 return Err(ProxyError::new(
@@ -572,26 +652,7 @@ impl Proxy {
                     ),
                 ));
             }
-            let kind = if e.connect {
-                if endpoint.connect_failed(&self.cfg.eject, now) {
-                    tracing::warn!(endpoint = %endpoint.addr, upstream = %backend.name, "endpoint ejected after consecutive connect failures");
-                }
-                ErrorKind::ConnectFailed
-            } else {
-                ErrorKind::UpstreamFailed
-            };
-            let err = ProxyError::new(
-                kind,
-                format!("endpoint {} of {}", endpoint.addr, backend.name),
-            )
-            .with_source(e.source)
-            .retryable(retryable);
-            if !may_retry {
-                return Err(err);
-            }
-            tracing::debug!(error = %err, "retrying on another endpoint");
-            tried.push(endpoint.addr);
-            last_error = Some(err);
+            attempts.failed(attempt, e.connect, e.source, &self.cfg.eject)?;
         }
     }
 
