@@ -623,7 +623,7 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<RespHead>, Ex
         }
         Err(_) => return Err(ExchangeError::Invalid("malformed head")),
     };
-    let (Some(status), Some(version)) = (resp.code, resp.version) else {
+    let (Some(status @ 100..), Some(version)) = (resp.code, resp.version) else {
         return Err(ExchangeError::Invalid("malformed status line"));
     };
     let mut length = None;
@@ -1117,6 +1117,14 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_status_code_below_100_is_invalid() {
+        // httparse takes any three digits; a client would get "HTTP/1.1 0 X".
+        for head in ["HTTP/1.1 000 X\r\n\r\n", "HTTP/1.1 099 X\r\n\r\n"] {
+            assert!(parse_response(head.as_bytes(), false).is_err(), "{head}");
+        }
     }
 
     #[test]
