@@ -764,6 +764,12 @@ async fn respond<I: AsyncWrite + Unpin>(
         if body.done() {
             break;
         }
+        // What the upstream sent so far reaches the client before waiting for more of it
+        // (an event stream may pause for minutes); TLS holds written records until flushed.
+        if let Err(e) = down.flush().await {
+            tracing::debug!(error = %e, "client went away mid-response");
+            return broken(false);
+        }
         u.buf.reserve(READ_SIZE);
         match u.stream.read_buf(&mut u.buf).await {
             Ok(0) if body.framing == Framing::Close => break,
@@ -1014,7 +1020,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::BufWriter;
+    use tokio::net::TcpListener;
+
     use super::*;
+    use crate::balance::Endpoint;
+    use crate::pool::{Pool, PoolConfig};
 
     fn ends_at(data: &[u8]) -> Result<Option<usize>, &'static str> {
         Chunked::default().feed(data)
@@ -1140,6 +1151,52 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&out),
             "HTTP/1.1 404 \r\nconnection: close\r\n\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_streamed_body_is_flushed_before_waiting_for_more_of_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pool = Pool::<Upstream>::new(PoolConfig::default());
+        let (up, accepted) = tokio::join!(pool.connect(addr), listener.accept());
+        let (mut up, (mut endpoint, _)) = (up.expect("connect"), accepted.expect("accept"));
+        endpoint
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            .await
+            .expect("write");
+        let resp = read_head(&mut up.conn, false).await.expect("head");
+        // A TLS stream, like a BufWriter, holds what was written until it is flushed.
+        let (mut client, proxy_side) = tokio::io::duplex(64 * 1024);
+        let inflight = InFlight::new(Arc::new(Endpoint::new(addr)));
+        let task = tokio::spawn(async move {
+            let mut down = BufWriter::new(proxy_side);
+            respond(&mut down, up, resp, false, b"HEAD\r\n\r\n", inflight)
+                .await
+                .keep
+        });
+        // The upstream is silent now, as an event stream between events: what it sent so
+        // far must reach the client.
+        let mut got = Vec::new();
+        let first = tokio::time::timeout(Duration::from_secs(10), async {
+            while !got.ends_with(b"hello\r\n") {
+                let mut buf = [0u8; 1024];
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(
+            first.is_ok() && got.ends_with(b"hello\r\n"),
+            "got only {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        endpoint.write_all(b"0\r\n\r\n").await.expect("write");
+        assert!(
+            task.await.expect("respond"),
+            "the client connection stays open"
         );
     }
 }

@@ -1213,3 +1213,65 @@ async fn a_response_with_both_framings_reaches_the_client_without_its_content_le
     );
     assert!(resp.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{resp}");
 }
+
+#[tokio::test]
+async fn a_streamed_response_reaches_a_slow_tls_client_while_the_upstream_pauses() {
+    // The upstream sends one large chunk and then nothing, as a server-sent event stream
+    // between events: everything sent so far must reach the client.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = listener.local_addr().expect("addr");
+    let mut data = vec![b'a'; (2 << 20) - 4];
+    data.extend_from_slice(b"END!");
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n",
+            data.len()
+        );
+        if s.write_all(head.as_bytes()).await.is_err() || s.write_all(&data).await.is_err() {
+            return;
+        }
+        // Hold the connection open, sending nothing more, until the proxy closes it.
+        let _ = s.read(&mut chunk).await;
+    });
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[up], None);
+    h.secret(tls_secret("ns", "cert", &["s.example.com"]).expect("rcgen"));
+    h.ingress(with_tls(
+        ingress(
+            "ns",
+            "web",
+            vec![("s.example.com", "/", "Prefix", backend("web", 80))],
+        ),
+        &["s.example.com"],
+        "cert",
+    ));
+    h.apply();
+    let mut tls = tls_connect(h.https, "s.example.com", &[b"http/1.1"]).await;
+    tls.write_all(b"GET /events HTTP/1.1\r\nHost: s.example.com\r\n\r\n")
+        .await
+        .expect("write");
+    // Read slowly, so that the proxy's writes keep meeting a full socket buffer.
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 16384];
+        while !got.ends_with(b"END!") {
+            let n = tls.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    let finished = tokio::time::timeout(Duration::from_secs(20), read).await;
+    assert!(finished.is_ok(), "stalled after {} bytes", got.len());
+}
