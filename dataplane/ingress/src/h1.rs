@@ -113,7 +113,7 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
         let parsed = loop {
             if !buf.is_empty() {
                 send.clear();
-                match parse_request(&buf, proxy, conn, &mut send) {
+                match parse_request(&buf, limits.max_header_bytes, proxy, conn, &mut send) {
                     Ok(Some(p)) => break p,
                     Ok(None) if buf.len() < limits.max_header_bytes => {}
                     // Malformed, oversized or uncommon: hyper answers or serves it.
@@ -198,9 +198,11 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
 struct Hyper;
 
 /// Parse one request at the start of `buf`; `Ok(None)` if its head is incomplete. For a
-/// request to forward, `send` receives the upstream request head and body.
+/// request to forward, `send` receives the upstream request head and body. A head over
+/// `max_head` bytes is hyper's to refuse (431).
 fn parse_request(
     buf: &[u8],
+    max_head: usize,
     proxy: &Proxy,
     conn: &ConnInfo,
     send: &mut Vec<u8>,
@@ -212,6 +214,10 @@ fn parse_request(
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(Hyper),
     };
+    // A head that grew past the limit in one read is complete before the read loop sees it.
+    if head_len > max_head {
+        return Err(Hyper);
+    }
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Err(Hyper);
     };

@@ -1275,3 +1275,30 @@ async fn a_streamed_response_reaches_a_slow_tls_client_while_the_upstream_pauses
     let finished = tokio::time::timeout(Duration::from_secs(20), read).await;
     assert!(finished.is_ok(), "stalled after {} bytes", got.len());
 }
+
+#[tokio::test]
+async fn a_head_over_the_limit_gets_431_when_it_arrives_in_pieces() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    // 10,000 bytes against --max-header-bytes=8192: the first 7,000 are read while the
+    // head is still short of the limit, the rest in one later read.
+    let head = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(10_000 - 36)
+    );
+    assert_eq!(head.len(), 10_000);
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    s.write_all(&head.as_bytes()[..7_000]).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(&head.as_bytes()[7_000..]).await.expect("write");
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
+}
