@@ -302,6 +302,11 @@ fn parse_request(
         return Err(Hyper);
     }
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| Hyper)?;
+    // A 2xx to CONNECT turns the upstream connection into a tunnel whatever its framing
+    // headers say (RFC 9112 §6.3): it must never go back to the pool.
+    if method == Method::CONNECT {
+        return Err(Hyper);
+    }
 
     send.extend_from_slice(method.as_str().as_bytes());
     send.push(b' ');

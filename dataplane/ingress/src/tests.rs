@@ -1302,3 +1302,72 @@ async fn a_head_over_the_limit_gets_431_when_it_arrives_in_pieces() {
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 431"), "{resp}");
 }
+
+#[tokio::test]
+async fn an_upstream_connection_that_answered_connect_is_never_reused() {
+    // An endpoint that tunnels after a 2xx to CONNECT (RFC 9112 §6.3: whatever its
+    // framing headers say) and echoes the tunnel's bytes; other requests get "ok".
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let connect = buf.starts_with(b"CONNECT ");
+                    buf.drain(..end + 4);
+                    if !connect {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(ok).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    let tunnel = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if s.write_all(tunnel).await.is_err() || s.write_all(&buf).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if s.write_all(&chunk[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[up], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    // Whatever the answer, hyper's or the endpoint's.
+    let _ = raw(
+        h.http,
+        b"CONNECT /t HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    // No other client's request may go into that tunnel, on whichever worker it lands.
+    for _ in 0..16 {
+        assert_eq!(
+            get(&h1_client(), &h.url("/"), "x").await,
+            (StatusCode::OK, "ok".to_string())
+        );
+    }
+}
