@@ -167,6 +167,7 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
                     send: &send[..n],
                     bodiless,
                     close,
+                    shutdown,
                 };
                 let r = forward(proxy, conn, &mut down, &target, req, &mut head, &mut out).await;
                 (r.status, Some(target), r.keep)
@@ -422,6 +423,8 @@ struct Request<'a> {
     bodiless: bool,
     /// The client connection ends after this request.
     close: bool,
+    /// Once cancelled, the client connection ends after this request too.
+    shutdown: &'a CancellationToken,
 }
 
 /// Forward `req` to an endpoint of `target`, retrying idempotent requests without a body
@@ -440,6 +443,7 @@ async fn forward<I: AsyncWrite + Unpin>(
         send,
         bodiless,
         close,
+        shutdown,
     } = req;
     // Header-matched canaries went to hyper; a weighted one needs no headers.
     let (route, backend) = target.choose(&http::HeaderMap::new());
@@ -479,7 +483,9 @@ async fn forward<I: AsyncWrite + Unpin>(
         let e = match exchanged {
             Ok(Ok((up, resp))) => {
                 endpoint.succeeded();
-                let close = close || resp.body == Framing::Close;
+                // Shutdown may have begun while the endpoint worked; the client is told to
+                // close, as hyper tells it, rather than finding the connection gone.
+                let close = close || shutdown.is_cancelled() || resp.body == Framing::Close;
                 match response_head(&up.conn.buf[..resp.len], close, head) {
                     Ok(()) => return respond(down, up, resp, close, head, inflight).await,
                     Err(e) => e,
@@ -519,10 +525,11 @@ async fn forward<I: AsyncWrite + Unpin>(
     };
     let status = error.kind.status();
     let body = proxy.failure(&error, conn);
-    let keep = write_local(down, status, &body, close).await.is_ok();
+    let close = close || shutdown.is_cancelled();
+    let wrote = write_local(down, status, &body, close).await;
     Forwarded {
         status: status.as_u16(),
-        keep,
+        keep: wrote.is_ok() && !close,
     }
 }
 

@@ -1371,3 +1371,60 @@ async fn an_upstream_connection_that_answered_connect_is_never_reused() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_response_in_flight_when_shutdown_begins_tells_the_client_to_close() {
+    // The second request's chunked body makes hyper serve it: both paths must agree.
+    for req in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ] {
+        // An endpoint that answers once the test says so.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let up = listener.local_addr().expect("addr");
+        let (arrived_tx, arrived) = tokio::sync::oneshot::channel();
+        let (answer, answer_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = arrived_tx.send(());
+            let _ = answer_rx.await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            let _ = s.read(&mut chunk).await;
+        });
+        let mut h = Harness::start(&[]).await;
+        h.service("web", &[up], None);
+        h.ingress(ingress(
+            "ns",
+            "web",
+            vec![("", "/", "Prefix", backend("web", 80))],
+        ));
+        h.apply();
+        let mut s = TcpStream::connect(h.http).await.expect("connect");
+        s.write_all(req).await.expect("write");
+        tokio::time::timeout(Duration::from_secs(10), arrived)
+            .await
+            .expect("request reached the endpoint")
+            .expect("endpoint");
+        h.shutdown.cancel();
+        answer.send(()).expect("endpoint waits");
+        let (head, body) = read_response(&mut s).await;
+        assert_eq!(body, "ok");
+        assert!(
+            head.to_ascii_lowercase().contains("connection: close\r\n"),
+            "{:?}: {head}",
+            String::from_utf8_lossy(req)
+        );
+    }
+}
