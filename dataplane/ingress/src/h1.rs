@@ -69,8 +69,11 @@ enum Plan {
         send: usize,
         bodiless: bool,
     },
-    /// Answer with this error.
-    Fail(ProxyError),
+    /// Answer with this error; without a body if the request is a HEAD.
+    Fail {
+        error: ProxyError,
+        head_request: bool,
+    },
 }
 
 /// A request parsed from the head of the read buffer.
@@ -150,10 +153,13 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
         let close = parsed.close || shutdown.is_cancelled();
         let mut out = Outcome::default();
         let (status, target, keep) = match parsed.plan {
-            Plan::Fail(e) => {
-                let status = e.kind.status();
-                let body = proxy.failure(&e, conn);
-                let wrote = write_local(&mut down, status, &body, close).await;
+            Plan::Fail {
+                error,
+                head_request,
+            } => {
+                let status = error.kind.status();
+                let body = proxy.failure(&error, conn);
+                let wrote = write_local(&mut down, status, &body, close, head_request).await;
                 (status.as_u16(), None, wrote.is_ok())
             }
             Plan::Forward {
@@ -288,7 +294,10 @@ fn parse_request(
         );
         return Ok(Some(Parsed {
             len,
-            plan: Plan::Fail(e),
+            plan: Plan::Fail {
+                error: e,
+                head_request: method == Method::HEAD,
+            },
             close,
             access,
         }));
@@ -526,7 +535,7 @@ async fn forward<I: AsyncWrite + Unpin>(
     let status = error.kind.status();
     let body = proxy.failure(&error, conn);
     let close = close || shutdown.is_cancelled();
-    let wrote = write_local(down, status, &body, close).await;
+    let wrote = write_local(down, status, &body, close, *method == Method::HEAD).await;
     Forwarded {
         status: status.as_u16(),
         keep: wrote.is_ok() && !close,
@@ -960,12 +969,14 @@ async fn write_two<I: AsyncWrite + Unpin>(s: &mut I, a: &[u8], b: &[u8]) -> io::
     }
 }
 
-/// An answer from the proxy itself.
+/// An answer from the proxy itself. An answer to HEAD has the body's length and no body:
+/// a client reads none, and would take one for the next response.
 async fn write_local<I: AsyncWrite + Unpin>(
     down: &mut I,
     status: http::StatusCode,
     body: &str,
     close: bool,
+    head_request: bool,
 ) -> io::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n",
@@ -974,6 +985,7 @@ async fn write_local<I: AsyncWrite + Unpin>(
         body.len(),
         if close { "connection: close\r\n" } else { "" },
     );
+    let body = if head_request { "" } else { body };
     write_two(down, head.as_bytes(), body.as_bytes()).await?;
     down.flush().await
 }

@@ -1428,3 +1428,38 @@ async fn a_response_in_flight_when_shutdown_begins_tells_the_client_to_close() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_proxys_own_answers_to_head_have_no_body() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    h.service("empty", &[], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![
+            ("x", "/", "Prefix", backend("web", 80)),
+            ("e.example.com", "/", "Prefix", backend("empty", 80)),
+        ],
+    ));
+    h.apply();
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    // A 404 (no route) and a 503 (no endpoints), each followed by a GET on the same
+    // connection: a body after a HEAD answer would be read as the GET's response.
+    for (host, status) in [("nomatch", "404"), ("e.example.com", "503")] {
+        let head =
+            format!("HEAD / HTTP/1.1\r\nHost: {host}\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).await.expect("read head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+        let (next, body) = read_response(&mut s).await;
+        assert!(next.starts_with("HTTP/1.1 200"), "{next}");
+        assert_eq!(body, "pod=a");
+    }
+}
