@@ -1418,6 +1418,16 @@ async fn a_response_in_flight_when_shutdown_begins_tells_the_client_to_close() {
             .expect("request reached the endpoint")
             .expect("endpoint");
         h.shutdown.cancel();
+        // Every worker has stopped accepting once the port refuses, and it signals its
+        // hyper connections in the same step: only then may the response come.
+        let refused = async {
+            while TcpStream::connect(h.http).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), refused)
+            .await
+            .expect("listeners closed");
         answer.send(()).expect("endpoint waits");
         let (head, body) = read_response(&mut s).await;
         assert_eq!(body, "ok");
