@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use futures::FutureExt;
 use http::{Method, Version};
+use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::fmt::rfc2822::DateTimePrinter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -713,9 +715,10 @@ fn response_head(upstream: &[u8], close: bool, out: &mut Vec<u8>) -> Result<(), 
     resp.parse(upstream)
         .map_err(|_| ExchangeError::Invalid("malformed head"))?;
     let mut named = Tokens::default();
-    let mut te = false;
+    let (mut te, mut dated) = (false, false);
     for h in resp.headers.iter() {
         te |= h.name.eq_ignore_ascii_case("transfer-encoding");
+        dated |= h.name.eq_ignore_ascii_case("date");
         if h.name.eq_ignore_ascii_case("connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
@@ -747,11 +750,22 @@ fn response_head(upstream: &[u8], close: bool, out: &mut Vec<u8>) -> Result<(), 
         }
         put_header(out, name, h.value);
     }
+    if !dated {
+        put_header(out, b"date", http_date().as_bytes());
+    }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
     Ok(())
+}
+
+/// The current time as a `Date` value. A response is dated where it originates or, when
+/// it arrives undated, where it is forwarded (RFC 9110 §6.6.1), as hyper dates them.
+fn http_date() -> String {
+    DateTimePrinter::new()
+        .timestamp_to_rfc9110_string(&Timestamp::now())
+        .unwrap_or_default()
 }
 
 /// Send `head` (the rewritten response head) and stream the body that follows the upstream
@@ -979,10 +993,11 @@ async fn write_local<I: AsyncWrite + Unpin>(
     head_request: bool,
 ) -> io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: {}\r\n{}\r\n",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         body.len(),
+        http_date(),
         if close { "connection: close\r\n" } else { "" },
     );
     let body = if head_request { "" } else { body };
@@ -1171,16 +1186,16 @@ mod tests {
     #[test]
     fn response_head_drops_hop_by_hop_but_keeps_framing() {
         let mut out = Vec::new();
-        let up = b"HTTP/1.1 200 Fine\r\nconnection: keep-alive, x-private, transfer-encoding\r\nx-private: 1\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nx-app: 2\r\n\r\n";
+        let up = b"HTTP/1.1 200 Fine\r\nconnection: keep-alive, x-private, transfer-encoding\r\nx-private: 1\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nx-app: 2\r\nDate: d\r\n\r\n";
         response_head(up, false, &mut out).expect("head");
         assert_eq!(
             String::from_utf8_lossy(&out),
-            "HTTP/1.1 200 Fine\r\ntransfer-encoding: chunked\r\nx-app: 2\r\n\r\n"
+            "HTTP/1.1 200 Fine\r\ntransfer-encoding: chunked\r\nx-app: 2\r\nDate: d\r\n\r\n"
         );
-        response_head(b"HTTP/1.0 404 \r\n\r\n", true, &mut out).expect("head");
+        response_head(b"HTTP/1.0 404 \r\ndate: d\r\n\r\n", true, &mut out).expect("head");
         assert_eq!(
             String::from_utf8_lossy(&out),
-            "HTTP/1.1 404 \r\nconnection: close\r\n\r\n"
+            "HTTP/1.1 404 \r\ndate: d\r\nconnection: close\r\n\r\n"
         );
     }
 

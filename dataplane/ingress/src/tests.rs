@@ -1473,3 +1473,40 @@ async fn the_proxys_own_answers_to_head_have_no_body() {
         assert_eq!(body, "pod=a");
     }
 }
+
+#[tokio::test]
+async fn answers_and_undated_responses_carry_a_date_as_hyper_adds() {
+    let (up, _) = scripted(|_, path| match path {
+        "/dated" => (
+            "HTTP/1.1 200 OK\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\ncontent-length: 2\r\n\r\nok",
+            false,
+        ),
+        _ => ("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+    })
+    .await;
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[up], None);
+    h.ingress(ingress(
+        "ns",
+        "web",
+        vec![("x", "/", "Prefix", backend("web", 80))],
+    ));
+    h.apply();
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    // RFC 9110 §6.6.1: an undated response is dated where it is forwarded, and the
+    // proxy dates its own answers; an upstream's Date is left alone.
+    for (host, path) in [("x", "/"), ("nomatch", "/"), ("x", "/dated")] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let (head, _) = read_response(&mut s).await;
+        let dates: Vec<&str> = head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("date: "))
+            .collect();
+        assert_eq!(dates.len(), 1, "{host}{path}: {head}");
+        assert!(dates[0].ends_with(" GMT"), "{head}");
+        if path == "/dated" {
+            assert_eq!(dates[0], "Date: Tue, 01 Jan 2030 00:00:00 GMT");
+        }
+    }
+}
