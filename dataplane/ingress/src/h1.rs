@@ -3,16 +3,18 @@
 //! and forwarded over plain pooled upstream sockets, their heads rewritten as bytes, with
 //! no per-request task, channel or header map. Pingora serves HTTP/1.1 the same way.
 //!
-//! It takes the common case only — HTTP/1.1, a `Host`, origin-form target, no body or a
-//! small `Content-Length` body already received, and a route to an HTTP/1.1 backend without
-//! a redirect or a header-matched canary. Anything else, including every malformed or
-//! oversized head, hands the connection with the bytes read so far to hyper
-//! ([`Served::Hyper`]), which serves the rest of it exactly as it serves TLS and h2c
-//! connections: upgrades, chunked request bodies, `Expect`, 400 and 431 answers.
+//! It takes the common case only — HTTP/1.1, a `Host`, origin-form target, a method other
+//! than CONNECT, no body or a small `Content-Length` body already received, and a route to
+//! an HTTP/1.1 backend without a redirect or a header-matched canary. Anything else,
+//! including every malformed or oversized head, hands the connection with the bytes read
+//! so far to hyper ([`Served::Hyper`]), which serves the rest of it exactly as it serves
+//! TLS and h2c connections: upgrades, chunked request bodies, `Expect`, 400 and 431
+//! answers.
 //!
 //! Responses are passed through with their own framing (`Content-Length`, chunked, or
 //! until close). Their hop-by-hop headers are removed; `Transfer-Encoding` stays, as the
-//! chunked bytes are forwarded unchanged.
+//! chunked bytes are forwarded unchanged, and a `Content-Length` beside it goes. An
+//! undated response gets a `Date`, as hyper gives one.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
