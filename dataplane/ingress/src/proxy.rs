@@ -631,6 +631,11 @@ impl Proxy {
                         tokio::spawn(tunnel(down, up, inflight));
                         return Ok(resp.map(|_| RespBody::Local(None)));
                     }
+                    // Transfer-Encoding overrides a Content-Length (RFC 9112 §6.3); hyper
+                    // re-frames the decoded body, and a length left behind would cut it.
+                    if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+                        resp.headers_mut().remove(header::CONTENT_LENGTH);
+                    }
                     strip_hop_by_hop(resp.headers_mut());
                     return Ok(resp.map(|body| {
                         RespBody::Upstream(UpstreamBody {

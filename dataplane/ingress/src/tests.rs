@@ -1212,6 +1212,19 @@ async fn a_response_with_both_framings_reaches_the_client_without_its_content_le
         "{resp}"
     );
     assert!(resp.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{resp}");
+    // hyper (an absolute-form target takes that path) decodes the chunks and re-frames
+    // them: a Content-Length left behind would cut the body short.
+    let resp = raw(
+        h.http,
+        b"GET http://x/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+    assert!(
+        !resp.to_ascii_lowercase().contains("content-length: 2\r\n"),
+        "{resp}"
+    );
+    assert!(resp.contains("hello"), "{resp}");
 }
 
 #[tokio::test]
