@@ -30,10 +30,12 @@ use k8s_openapi::jiff::fmt::rfc2822::DateTimePrinter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::{InFlight, now_ms};
+use crate::balance::InFlight;
 use crate::error::{ErrorKind, ProxyError};
 use crate::pool::{Pooled, Upstream, UpstreamError};
-use crate::proxy::{Access, ConnInfo, HOP_BY_HOP, Outcome, Proxy, is_idempotent};
+use crate::proxy::{
+    Access, Attempts, ConnInfo, HOP_BY_HOP, Outcome, Proxy, is_idempotent, timed_out,
+};
 use crate::table::Target;
 
 /// Request headers the fast path parses; a request with more goes to hyper.
@@ -156,15 +158,16 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
         let start = Instant::now();
         let close = parsed.close || shutdown.is_cancelled();
         let mut out = Outcome::default();
-        let (status, target, keep) = match parsed.plan {
+        let (status, target, keep, headed) = match parsed.plan {
             Plan::Fail {
                 error,
                 head_request,
             } => {
                 let status = error.kind.status();
                 let body = proxy.failure(&error, conn);
+                let headed = Instant::now();
                 let wrote = write_local(&mut down, status, &body, close, head_request).await;
-                (status.as_u16(), None, wrote.is_ok())
+                (status.as_u16(), None, wrote.is_ok(), headed)
             }
             Plan::Forward {
                 target,
@@ -180,7 +183,7 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
                     shutdown,
                 };
                 let r = forward(proxy, conn, &mut down, &target, req, &mut head, &mut out).await;
-                (r.status, Some(target), r.keep)
+                (r.status, Some(target), r.keep, r.headed)
             }
         };
         buf.advance(parsed.len);
@@ -196,7 +199,7 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
             target.as_deref(),
             &out,
             status,
-            start.elapsed(),
+            headed.saturating_duration_since(start),
         );
         if close || !keep {
             let _ = down.shutdown().await;
@@ -426,6 +429,9 @@ struct Forwarded {
     status: u16,
     /// The downstream connection can take another request.
     keep: bool,
+    /// When the response head went to the client: request durations end there, as the
+    /// hyper path's do.
+    headed: Instant,
 }
 
 /// A request ready to go upstream.
@@ -464,23 +470,13 @@ async fn forward<I: AsyncWrite + Unpin>(
     let idempotent = is_idempotent(method);
     let retryable = idempotent && bodiless;
     let timeout = target.read_timeout.unwrap_or(proxy.cfg.read_timeout);
-    let mut tried = Vec::new();
-    let mut last_error = None;
+    let mut attempts = Attempts::new(backend, retryable, proxy.cfg.retries);
     let error = loop {
-        let now = now_ms();
-        let Some(endpoint) = backend.pick(&tried, now) else {
-            break last_error.unwrap_or_else(|| {
-                ProxyError::new(
-                    ErrorKind::NoEndpoints,
-                    format!("service {} has no ready endpoints", backend.name),
-                )
-            });
+        let attempt = match attempts.next(out) {
+            Ok(a) => a,
+            Err(e) => break e,
         };
-        out.endpoint = Some(endpoint.addr);
-        out.attempts += 1;
-        let may_retry = retryable
-            && tried.len() < proxy.cfg.retries
-            && backend.endpoints.len() > tried.len() + 1;
+        let endpoint = attempt.endpoint;
         let inflight = InFlight::new(endpoint.clone());
         let exchanged = tokio::time::timeout(
             timeout,
@@ -505,44 +501,21 @@ async fn forward<I: AsyncWrite + Unpin>(
                 }
             }
             Ok(Err(e)) => e,
-            Err(_) => {
-                break ProxyError::new(
-                    ErrorKind::UpstreamTimeout,
-                    format!(
-                        "endpoint {} sent no response within {timeout:?}",
-                        endpoint.addr
-                    ),
-                );
-            }
+            Err(_) => break timed_out(endpoint, timeout),
         };
-        let kind = if e.is_connect() {
-            if endpoint.connect_failed(&proxy.cfg.eject, now) {
-                tracing::warn!(endpoint = %endpoint.addr, upstream = %backend.name, "endpoint ejected after consecutive connect failures");
-            }
-            ErrorKind::ConnectFailed
-        } else {
-            ErrorKind::UpstreamFailed
-        };
-        let err = ProxyError::new(
-            kind,
-            format!("endpoint {} of {}", endpoint.addr, backend.name),
-        )
-        .with_source(e)
-        .retryable(retryable);
-        if !may_retry {
-            break err;
+        if let Err(e) = attempts.failed(attempt, e.is_connect(), Box::new(e), &proxy.cfg.eject) {
+            break e;
         }
-        tracing::debug!(error = %err, "retrying on another endpoint");
-        tried.push(endpoint.addr);
-        last_error = Some(err);
     };
     let status = error.kind.status();
     let body = proxy.failure(&error, conn);
     let close = close || shutdown.is_cancelled();
+    let headed = Instant::now();
     let wrote = write_local(down, status, &body, close, *method == Method::HEAD).await;
     Forwarded {
         status: status.as_u16(),
         keep: wrote.is_ok() && !close,
+        headed,
     }
 }
 
@@ -782,8 +755,13 @@ async fn respond<I: AsyncWrite + Unpin>(
     _inflight: InFlight,
 ) -> Forwarded {
     let status = resp.status;
+    let headed = Instant::now();
     let u = &mut up.conn;
-    let broken = |keep| Forwarded { status, keep };
+    let broken = |keep| Forwarded {
+        status,
+        keep,
+        headed,
+    };
     u.buf.advance(resp.len);
     let mut body = Body::new(resp.body);
     let mut first = Some(head);
@@ -839,6 +817,7 @@ async fn respond<I: AsyncWrite + Unpin>(
     Forwarded {
         status,
         keep: !close,
+        headed,
     }
 }
 
