@@ -448,6 +448,17 @@ impl Proxy {
             self.table.load().route(host_str, req.uri().path()).cloned()
         };
         let result = match &target {
+            // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is answered 400,
+            // as nginx does, not routed by a guess.
+            _ if req.version() == Version::HTTP_11
+                && req.uri().authority().is_none()
+                && req.headers().get_all(header::HOST).iter().count() != 1 =>
+            {
+                Err(ProxyError::new(
+                    ErrorKind::BadRequest,
+                    "an HTTP/1.1 request needs exactly one Host header",
+                ))
+            }
             Some(t) => self.forward(req, host, t, &conn, &mut out).await,
             None => Err(ProxyError::new(
                 ErrorKind::NoRoute,

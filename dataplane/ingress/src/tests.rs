@@ -891,7 +891,17 @@ async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
         let c = c.clone();
         async move { get(&c, &url, "x").await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shut down once the request is at the endpoint, however long a loaded machine takes.
+    let table = h.table.load();
+    let endpoint = &table.route("x", "/slow").expect("route").backend.endpoints[0];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while endpoint.outstanding() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the endpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     h.shutdown.cancel();
     assert_eq!(
         in_flight.await.expect("join"),
@@ -1522,4 +1532,27 @@ async fn answers_and_undated_responses_carry_a_date_as_hyper_adds() {
             assert_eq!(dates[0], "Date: Tue, 01 Jan 2030 00:00:00 GMT");
         }
     }
+}
+
+#[tokio::test]
+async fn an_http11_request_without_exactly_one_host_gets_400() {
+    let mut h = Harness::start(&[]).await;
+    h.service("web", &[upstream("a").await], None);
+    let mut d = ingress("ns", "default", vec![]);
+    if let Some(s) = d.spec.as_mut() {
+        s.default_backend = Some(backend("web", 80));
+    }
+    h.ingress(d);
+    h.apply();
+    for req in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    ] {
+        let resp = raw(h.http, req).await;
+        assert!(resp.starts_with("HTTP/1.1 400"), "{req:?}: {resp}");
+        assert!(resp.contains("exactly one Host header"), "{resp}");
+    }
+    // HTTP/1.0 has no Host requirement; the default backend answers.
+    let resp = raw(h.http, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(resp.contains("pod=a"), "{resp}");
 }
