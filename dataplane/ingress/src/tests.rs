@@ -161,6 +161,19 @@ impl Harness {
         }
     }
 
+    /// Every host and path routed to Service `web` with `endpoints`.
+    async fn serving(extra: &[&str], endpoints: &[SocketAddr]) -> Harness {
+        let mut h = Harness::start(extra).await;
+        h.service("web", endpoints, None);
+        h.ingress(ingress(
+            "ns",
+            "web",
+            vec![("", "/", "Prefix", backend("web", 80))],
+        ));
+        h.apply();
+        h
+    }
+
     /// Service `ns/name` port 80 (named `http`, with `app_protocol`), one slice per endpoint.
     fn service(&mut self, name: &str, endpoints: &[SocketAddr], app_protocol: Option<&str>) {
         self.snap
@@ -603,14 +616,7 @@ async fn websockets_and_keepalive_connections_survive_route_changes() {
 
 #[tokio::test]
 async fn slow_loris_is_cut_off_by_the_header_read_timeout() {
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[upstream("a").await], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
     let started = Instant::now();
     let mut s = TcpStream::connect(h.http).await.expect("connect");
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -649,14 +655,7 @@ async fn slow_loris_is_cut_off_by_the_header_read_timeout() {
 
 #[tokio::test]
 async fn oversized_headers_get_431_and_invalid_requests_400() {
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[upstream("a").await], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
         "a".repeat(20_000)
@@ -671,14 +670,7 @@ async fn oversized_headers_get_431_and_invalid_requests_400() {
 
 #[tokio::test]
 async fn bodies_stream_and_oversized_bodies_get_413() {
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[upstream("a").await], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
     let c = h1_client();
     let ok = Request::post(h.url("/echo"))
         .body(Full::new(Bytes::from(vec![b'x'; 1000])))
@@ -877,14 +869,7 @@ async fn no_endpoints_is_503_and_default_backend_catches_the_rest() {
 
 #[tokio::test]
 async fn graceful_shutdown_finishes_in_flight_requests_and_stops_accepting() {
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[upstream("a").await], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
     let c = h1_client();
     let url = h.url("/slow");
     let in_flight = tokio::spawn({
@@ -998,14 +983,7 @@ async fn fast_path_passes_every_response_framing_through_on_one_upstream_connect
         _ => ("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
     })
     .await;
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[up], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[up]).await;
     let c = h1_client();
     for _ in 0..2 {
         assert_eq!(
@@ -1058,14 +1036,7 @@ async fn fast_path_passes_every_response_framing_through_on_one_upstream_connect
 
 #[tokio::test]
 async fn a_connection_hands_over_to_hyper_for_a_chunked_body_and_an_upgrade() {
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[upstream("a").await], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
     let mut s = TcpStream::connect(h.http).await.expect("connect");
     // Served by the fast path.
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -1097,14 +1068,7 @@ async fn pooled_connections_the_endpoint_closed_are_replaced_without_an_error() 
     // Each connection answers one request, without saying it will close.
     let (up, accepted) =
         scripted(|_, _| ("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true)).await;
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[up], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[up]).await;
     let c = h1_client();
     for _ in 0..5 {
         assert_eq!(
@@ -1118,14 +1082,7 @@ async fn pooled_connections_the_endpoint_closed_are_replaced_without_an_error() 
 #[tokio::test]
 async fn fast_path_reads_heads_in_pieces_answers_pipelined_requests_in_order_and_survives_garbage()
 {
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[upstream("a").await], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
     // A head that arrives a byte at a time.
     let mut s = TcpStream::connect(h.http).await.expect("connect");
     s.set_nodelay(true).expect("nodelay");
@@ -1166,14 +1123,7 @@ async fn fast_path_reads_heads_in_pieces_answers_pipelined_requests_in_order_and
 
 #[tokio::test]
 async fn connection_options_never_remove_a_requests_framing_or_host() {
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[upstream("a").await], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
     let mut s = TcpStream::connect(h.http).await.expect("connect");
     // Were Content-Length dropped as a connection option, the body would reach the
     // endpoint as the next request on a pooled connection: a smuggled request.
@@ -1200,14 +1150,7 @@ async fn a_response_with_both_framings_reaches_the_client_without_its_content_le
         )
     })
     .await;
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[up], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[up]).await;
     // RFC 9112 §6.3: an intermediary removes Content-Length before forwarding such a
     // message; a client that trusted it would read the chunked bytes as two responses.
     let resp = raw(
@@ -1301,14 +1244,7 @@ async fn a_streamed_response_reaches_a_slow_tls_client_while_the_upstream_pauses
 
 #[tokio::test]
 async fn a_head_over_the_limit_gets_431_when_it_arrives_in_pieces() {
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[upstream("a").await], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
     // 10,000 bytes against --max-header-bytes=8192: the first 7,000 are read while the
     // head is still short of the limit, the rest in one later read.
     let head = format!(
@@ -1372,14 +1308,7 @@ async fn an_upstream_connection_that_answered_connect_is_never_reused() {
             });
         }
     });
-    let mut h = Harness::start(&[]).await;
-    h.service("web", &[up], None);
-    h.ingress(ingress(
-        "ns",
-        "web",
-        vec![("", "/", "Prefix", backend("web", 80))],
-    ));
-    h.apply();
+    let h = Harness::serving(&[], &[up]).await;
     // Whatever the answer, hyper's or the endpoint's.
     let _ = raw(
         h.http,
