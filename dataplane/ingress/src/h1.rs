@@ -331,7 +331,12 @@ fn parse_request(
     send.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
-        if is_hop_by_hop(name) || is_forwarding(name) || named.contains(name) {
+        // Names with an underscore are dropped, as by the hyper path's `drop_underscored`.
+        if is_hop_by_hop(name)
+            || is_forwarding(name)
+            || named.contains(name)
+            || name.contains(&b'_')
+        {
             continue;
         }
         put_header(send, name, h.value);

@@ -573,6 +573,7 @@ impl Proxy {
             None
         };
         strip_hop_by_hop(&mut headers);
+        drop_underscored(&mut headers);
         if let Some(u) = upgrade_value {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, u);
@@ -831,6 +832,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for h in HOP_BY_HOP {
         headers.remove(h);
+    }
+}
+
+/// Remove request headers whose names contain an underscore, as ingress-nginx does by
+/// default (nginx's `underscores_in_headers off`): a backend behind a CGI-style gateway
+/// would read `X_User` and `X-User` as the same variable, so one could stand in for the
+/// other.
+pub(crate) fn drop_underscored(headers: &mut HeaderMap) {
+    if !headers.keys().any(|k| k.as_str().contains('_')) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for n in named {
+        headers.remove(n);
     }
 }
 

@@ -1485,3 +1485,17 @@ async fn an_http11_request_without_exactly_one_host_gets_400() {
     let resp = raw(h.http, b"GET / HTTP/1.0\r\n\r\n").await;
     assert!(resp.contains("pod=a"), "{resp}");
 }
+
+#[tokio::test]
+async fn request_headers_with_underscores_are_dropped_on_both_paths() {
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
+    // A plain GET takes the fast path; a chunked POST is served by hyper.
+    for req in [
+        &b"GET /headers HTTP/1.1\r\nHost: x\r\nX_User: evil\r\nX-User: good\r\nConnection: close\r\n\r\n"[..],
+        b"POST /headers HTTP/1.1\r\nHost: x\r\nX_User: evil\r\nX-User: good\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    ] {
+        let resp = raw(h.http, req).await;
+        assert!(resp.contains("x-user: good"), "{resp}");
+        assert!(!resp.contains("evil"), "{resp}");
+    }
+}
