@@ -63,6 +63,8 @@ pub enum Served<I> {
 /// Limits of the fast path, from the server's configuration.
 pub struct Limits {
     pub header_read_timeout: Duration,
+    /// How long a client connection may sit idle between requests.
+    pub keepalive_timeout: Duration,
     pub max_header_bytes: usize,
 }
 
@@ -115,10 +117,10 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
     let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
     loop {
-        // The client has this long for its next request head, from the moment we wait for
-        // it, as hyper's header read timeout.
-        let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
-        let mut armed = false;
+        // An idle connection may wait `keepalive_timeout` for its next request (nginx's
+        // keepalive_timeout); once a request has begun, its head must be complete within
+        // `header_read_timeout` (slow clients).
+        let mut armed: Option<bool> = None;
         let parsed = loop {
             if !buf.is_empty() {
                 send.clear();
@@ -138,9 +140,15 @@ pub async fn serve<I: AsyncRead + AsyncWrite + Unpin>(
                 Some(Ok(_)) => continue,
                 None => {}
             }
-            if !armed {
-                timer.as_mut().reset(deadline);
-                armed = true;
+            let idle = buf.is_empty();
+            if armed != Some(idle) && armed != Some(false) {
+                let wait = if idle {
+                    limits.keepalive_timeout
+                } else {
+                    limits.header_read_timeout
+                };
+                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                armed = Some(idle);
             }
             tokio::select! {
                 biased;

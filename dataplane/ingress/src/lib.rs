@@ -83,6 +83,11 @@ pub struct Args {
     /// Time a client has to send its request headers or complete the TLS handshake.
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub header_read_timeout: Duration,
+    /// How long an idle HTTP/1.1 client connection is kept open between requests
+    /// (ingress-nginx's `keep-alive`). Connections handed to hyper mid-way (upgrades, chunked
+    /// uploads) close after --header-read-timeout of idleness instead.
+    #[arg(long, default_value = "75s", value_parser = duration)]
+    pub keepalive_timeout: Duration,
     /// Largest request head in bytes (431 beyond).
     #[arg(long, default_value_t = 32 * 1024)]
     pub max_header_bytes: usize,
@@ -138,6 +143,7 @@ impl Args {
     pub fn server_config(&self) -> ServerConfig {
         ServerConfig {
             header_read_timeout: self.header_read_timeout,
+            keepalive_timeout: self.keepalive_timeout,
             max_header_bytes: self.max_header_bytes,
             shutdown_grace: self.shutdown_grace,
         }

@@ -26,6 +26,8 @@ use crate::proxy::{ConnInfo, Proxy};
 pub struct ServerConfig {
     /// A client must send its complete request headers (or TLS handshake) within this.
     pub header_read_timeout: Duration,
+    /// How long an idle HTTP/1.1 connection on the fast path waits for its next request.
+    pub keepalive_timeout: Duration,
     /// Largest request head; larger ones get 431.
     pub max_header_bytes: usize,
     /// How long shutdown waits for in-flight requests.
@@ -36,6 +38,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             header_read_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(75),
             max_header_bytes: 32 * 1024,
             shutdown_grace: Duration::from_secs(30),
         }
@@ -64,6 +67,7 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let limits = Arc::new(h1::Limits {
         header_read_timeout: cfg.header_read_timeout,
+        keepalive_timeout: cfg.keepalive_timeout,
         max_header_bytes: cfg.max_header_bytes,
     });
     let graceful = GracefulShutdown::new();

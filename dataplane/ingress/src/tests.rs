@@ -1499,3 +1499,28 @@ async fn request_headers_with_underscores_are_dropped_on_both_paths() {
         assert!(!resp.contains("evil"), "{resp}");
     }
 }
+
+#[tokio::test]
+async fn an_idle_keepalive_connection_outlives_the_header_timeout_until_the_keepalive_timeout() {
+    // Header timeout 500 ms (the harness's); keep-alive 5 s.
+    let h = Harness::serving(&["--keepalive-timeout=5s"], &[upstream("a").await]).await;
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    let req = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(req).await.expect("write");
+    assert_eq!(read_response(&mut s).await.1, "pod=a");
+    // Idle for longer than the header timeout: the connection is still served.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.write_all(req).await.expect("write after idling");
+    assert_eq!(read_response(&mut s).await.1, "pod=a");
+    // Left idle, it is closed once the keep-alive timeout has passed.
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut [0u8; 16]))
+        .await
+        .expect("closed by the proxy");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
