@@ -84,8 +84,8 @@ pub struct Args {
     #[arg(long, default_value = "10s", value_parser = duration)]
     pub header_read_timeout: Duration,
     /// How long an idle HTTP/1.1 client connection is kept open between requests
-    /// (ingress-nginx's `keep-alive`). Connections handed to hyper mid-way (upgrades, chunked
-    /// uploads) close after --header-read-timeout of idleness instead.
+    /// (ingress-nginx's `keep-alive`). HTTP/1.1 connections handed to hyper mid-way (after a
+    /// chunked upload, say) close after --header-read-timeout of idleness instead.
     #[arg(long, default_value = "75s", value_parser = duration)]
     pub keepalive_timeout: Duration,
     /// Largest request head in bytes (431 beyond).
