@@ -97,16 +97,22 @@ impl Server {
     }
 
     /// Bind `workers` UDP sockets and one TCP listener on `addr` (same port for both).
+    /// With port 0 the kernel picks a port free for UDP, which a TCP socket may hold; then
+    /// another port is picked, a few times at most.
     pub fn bind(addr: SocketAddr, workers: usize) -> Result<Bound, ServeError> {
-        let bind_err = |source| ServeError::Bind { addr, source };
-        let first = udp_socket(addr).map_err(bind_err)?;
-        let addr = first.local_addr().map_err(bind_err)?;
-        let mut udp = vec![Arc::new(first)];
-        for _ in 1..workers.max(1) {
-            udp.push(Arc::new(udp_socket(addr).map_err(bind_err)?));
+        let mut tries = 0;
+        loop {
+            match bind_once(addr, workers) {
+                Err(e)
+                    if addr.port() == 0
+                        && e.kind() == std::io::ErrorKind::AddrInUse
+                        && tries < 16 =>
+                {
+                    tries += 1;
+                }
+                r => return r.map_err(|source| ServeError::Bind { addr, source }),
+            }
         }
-        let tcp = tcp_listener(addr).map_err(bind_err)?;
-        Ok(Bound { udp, tcp, addr })
     }
 
     /// Serve until `shutdown` is cancelled.
@@ -443,6 +449,18 @@ fn rcode_of(rcode: ResponseCode) -> Rcode {
         ResponseCode::Refused => Rcode::Refused,
         _ => Rcode::ServFail,
     }
+}
+
+/// One attempt of [`Server::bind`].
+fn bind_once(addr: SocketAddr, workers: usize) -> std::io::Result<Bound> {
+    let first = udp_socket(addr)?;
+    let addr = first.local_addr()?;
+    let mut udp = vec![Arc::new(first)];
+    for _ in 1..workers.max(1) {
+        udp.push(Arc::new(udp_socket(addr)?));
+    }
+    let tcp = tcp_listener(addr)?;
+    Ok(Bound { udp, tcp, addr })
 }
 
 fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
