@@ -16,7 +16,7 @@
 //! chunked bytes are forwarded unchanged, and a `Content-Length` beside it goes. An
 //! undated response gets a `Date`, as hyper gives one.
 
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -499,6 +499,7 @@ async fn forward<I: AsyncWrite + Unpin>(
                 send,
                 idempotent,
                 method == Method::HEAD,
+                head,
             ),
         )
         .await;
@@ -508,10 +509,8 @@ async fn forward<I: AsyncWrite + Unpin>(
                 // Shutdown may have begun while the endpoint worked; the client is told to
                 // close, as hyper tells it, rather than finding the connection gone.
                 let close = close || shutdown.is_cancelled() || resp.body == Framing::Close;
-                match response_head(&up.conn.buf[..resp.len], close, head) {
-                    Ok(()) => return respond(down, up, resp, close, head, inflight).await,
-                    Err(e) => e,
-                }
+                end_head(head, close);
+                return respond(down, up, resp, close, head, inflight).await;
             }
             Ok(Err(e)) => e,
             Err(_) => break timed_out(endpoint, timeout),
@@ -579,6 +578,7 @@ async fn exchange(
     send: &[u8],
     idempotent: bool,
     head_request: bool,
+    head: &mut Vec<u8>,
 ) -> Result<(Pooled<Upstream>, RespHead), ExchangeError> {
     loop {
         let (mut up, reused) = match proxy.raw.checkout(addr) {
@@ -587,11 +587,11 @@ async fn exchange(
         };
         let u = &mut up.conn;
         let sent = u.stream.write_all(send).await;
-        let head = match sent {
-            Ok(()) => read_head(u, head_request).await,
+        let parsed = match sent {
+            Ok(()) => read_head(u, head_request, head).await,
             Err(e) => Err(ExchangeError::Io(e)),
         };
-        match head {
+        match parsed {
             Ok(h) => return Ok((up, h)),
             Err(ExchangeError::Closed | ExchangeError::Io(_))
                 if reused && idempotent && up.conn.buf.is_empty() =>
@@ -603,11 +603,16 @@ async fn exchange(
     }
 }
 
-/// Read a response head (skipping 1xx interim responses) into the connection's buffer.
-async fn read_head(u: &mut Upstream, head_request: bool) -> Result<RespHead, ExchangeError> {
+/// Read a response head (skipping 1xx interim responses) into the connection's buffer, and
+/// the client's version of it into `out`.
+async fn read_head(
+    u: &mut Upstream,
+    head_request: bool,
+    out: &mut Vec<u8>,
+) -> Result<RespHead, ExchangeError> {
     loop {
         if !u.buf.is_empty() {
-            match parse_response(&u.buf, head_request)? {
+            match parse_response(&u.buf, head_request, out)? {
                 Some(h) if (100..200).contains(&h.status) => {
                     if h.status == 101 {
                         return Err(ExchangeError::Invalid("101 without an upgrade request"));
@@ -629,7 +634,14 @@ async fn read_head(u: &mut Upstream, head_request: bool) -> Result<RespHead, Exc
     }
 }
 
-fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<RespHead>, ExchangeError> {
+/// Parse the response head at the start of `buf` (`Ok(None)` if incomplete) and write the
+/// client's version of it into `out`: the upstream's without its hop-by-hop headers, dated
+/// if it was not. [`end_head`] completes it.
+fn parse_response(
+    buf: &[u8],
+    head_request: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<RespHead>, ExchangeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let len = match resp.parse(buf) {
@@ -646,8 +658,11 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<RespHead>, Ex
     let mut length = None;
     let mut chunked = None;
     let mut close = version == 0;
+    let mut named = Tokens::default();
+    let mut dated = false;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
+        dated |= name.eq_ignore_ascii_case(b"date");
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = content_length(h.value).ok_or(ExchangeError::Invalid("bad content-length"))?;
             if length.is_some_and(|l| l != n) {
@@ -665,6 +680,14 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<RespHead>, Ex
                     close = true;
                 } else if version == 0 && t.eq_ignore_ascii_case(b"keep-alive") {
                     close = false;
+                }
+                // Never drop the framing headers, whatever `Connection` names.
+                if !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"content-length")
+                    && !t.eq_ignore_ascii_case(b"transfer-encoding")
+                    && named.push(t).is_err()
+                {
+                    return Err(ExchangeError::Invalid("too many connection options"));
                 }
             }
         }
@@ -687,44 +710,9 @@ fn parse_response(buf: &[u8], head_request: bool) -> Result<Option<RespHead>, Ex
     if body == Framing::Close {
         close = true;
     }
-    Ok(Some(RespHead {
-        len,
-        status,
-        body,
-        close,
-    }))
-}
-
-/// Write the client's response head: the upstream's without its hop-by-hop headers, and
-/// `connection: close` when the client connection ends after it.
-fn response_head(upstream: &[u8], close: bool, out: &mut Vec<u8>) -> Result<(), ExchangeError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
-    resp.parse(upstream)
-        .map_err(|_| ExchangeError::Invalid("malformed head"))?;
-    let mut named = Tokens::default();
-    let (mut te, mut dated) = (false, false);
-    for h in resp.headers.iter() {
-        te |= h.name.eq_ignore_ascii_case("transfer-encoding");
-        dated |= h.name.eq_ignore_ascii_case("date");
-        if h.name.eq_ignore_ascii_case("connection") {
-            for t in h.value.split(|&b| b == b',') {
-                let t = t.trim_ascii();
-                // Never drop the framing headers, whatever `Connection` names.
-                if !t.is_empty()
-                    && !t.eq_ignore_ascii_case(b"content-length")
-                    && !t.eq_ignore_ascii_case(b"transfer-encoding")
-                    && named.push(t).is_err()
-                {
-                    return Err(ExchangeError::Invalid("too many connection options"));
-                }
-            }
-        }
-    }
     out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(resp.code.unwrap_or(502).to_string().as_bytes());
-    out.push(b' ');
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "HTTP/1.1 {status} ");
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in resp.headers.iter() {
@@ -732,7 +720,7 @@ fn response_head(upstream: &[u8], close: bool, out: &mut Vec<u8>) -> Result<(), 
         let framing = name.eq_ignore_ascii_case(b"transfer-encoding");
         // Transfer-Encoding overrides a Content-Length, which an intermediary removes
         // (RFC 9112 §6.3) so that no client downstream frames the body by it.
-        let overridden = te && name.eq_ignore_ascii_case(b"content-length");
+        let overridden = chunked.is_some() && name.eq_ignore_ascii_case(b"content-length");
         if (is_hop_by_hop(name) && !framing) || overridden || named.contains(name) {
             continue;
         }
@@ -741,11 +729,21 @@ fn response_head(upstream: &[u8], close: bool, out: &mut Vec<u8>) -> Result<(), 
     if !dated {
         put_header(out, b"date", http_date().as_bytes());
     }
+    Ok(Some(RespHead {
+        len,
+        status,
+        body,
+        close,
+    }))
+}
+
+/// Complete a head [`parse_response`] wrote: `connection: close` when the client
+/// connection ends after this response, and the blank line.
+fn end_head(out: &mut Vec<u8>, close: bool) {
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    Ok(())
 }
 
 /// The current time as a `Date` value. A response is dated where it originates or, when
@@ -1108,7 +1106,7 @@ mod tests {
     #[test]
     fn response_framing_follows_rfc_9112() {
         let framing = |head: &str, head_request| {
-            parse_response(head.as_bytes(), head_request)
+            parse_response(head.as_bytes(), head_request, &mut Vec::new())
                 .expect("valid")
                 .map(|h| (h.body, h.close))
         };
@@ -1159,11 +1157,19 @@ mod tests {
             Some((Framing::Length(1), true))
         );
         assert_eq!(framing("HTTP/1.1 200 OK\r\ncontent-le", false), None);
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n", false).is_err());
+        assert!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+                false,
+                &mut Vec::new()
+            )
+            .is_err()
+        );
         assert!(
             parse_response(
                 b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
-                false
+                false,
+                &mut Vec::new()
             )
             .is_err()
         );
@@ -1173,13 +1179,21 @@ mod tests {
     fn a_status_code_below_100_is_invalid() {
         // httparse takes any three digits; a client would get "HTTP/1.1 0 X".
         for head in ["HTTP/1.1 000 X\r\n\r\n", "HTTP/1.1 099 X\r\n\r\n"] {
-            assert!(parse_response(head.as_bytes(), false).is_err(), "{head}");
+            assert!(
+                parse_response(head.as_bytes(), false, &mut Vec::new()).is_err(),
+                "{head}"
+            );
         }
     }
 
     #[test]
     fn response_head_drops_hop_by_hop_but_keeps_framing() {
         let mut out = Vec::new();
+        let response_head = |up: &[u8], close, out: &mut Vec<u8>| {
+            parse_response(up, false, out)
+                .and_then(|h| h.ok_or(ExchangeError::Closed))
+                .map(|_| end_head(out, close))
+        };
         let up = b"HTTP/1.1 200 Fine\r\nconnection: keep-alive, x-private, transfer-encoding\r\nx-private: 1\r\nkeep-alive: timeout=5\r\ntransfer-encoding: chunked\r\nx-app: 2\r\nDate: d\r\n\r\n";
         response_head(up, false, &mut out).expect("head");
         assert_eq!(
@@ -1204,7 +1218,9 @@ mod tests {
             .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
             .await
             .expect("write");
-        let resp = read_head(&mut up.conn, false).await.expect("head");
+        let resp = read_head(&mut up.conn, false, &mut Vec::new())
+            .await
+            .expect("head");
         // A TLS stream, like a BufWriter, holds what was written until it is flushed.
         let (mut client, proxy_side) = tokio::io::duplex(64 * 1024);
         let inflight = InFlight::new(Arc::new(Endpoint::new(addr)));
