@@ -104,13 +104,8 @@ pub async fn serve(
                     match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
                         Ok(Ok(n)) if n > 0 => {
                             let info = Arc::new(ConnInfo::new(peer, false));
-                            // The watcher is held while the fast path serves, so that
-                            // shutdown waits for its in-flight request too.
-                            let served = h1::serve(stream, &proxy, &info, &limits, &shutdown).await;
-                            if let h1::Served::Hyper(stream, read) = served {
-                                let io = h1::Rewind::new(stream, read);
-                                serve_conn(io, info, proxy, &builder, watcher).await
-                            }
+                            serve_h1(stream, info, proxy, watcher, &limits, &shutdown, &builder)
+                                .await
                         }
                         _ => tracing::debug!(%peer, "connection closed or idle before a request"),
                     }
@@ -122,11 +117,7 @@ pub async fn serve(
                             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                                 return serve_conn(tls, info, proxy, &builder, watcher).await;
                             }
-                            let served = h1::serve(tls, &proxy, &info, &limits, &shutdown).await;
-                            if let h1::Served::Hyper(tls, read) = served {
-                                let io = h1::Rewind::new(tls, read);
-                                serve_conn(io, info, proxy, &builder, watcher).await
-                            }
+                            serve_h1(tls, info, proxy, watcher, &limits, &shutdown, &builder).await
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -142,6 +133,25 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(addr = ?local, grace = ?cfg.shutdown_grace, "shutdown deadline passed; closing remaining connections");
+    }
+}
+
+/// An HTTP/1.1 connection: the fast path, then hyper with what the fast path read if a
+/// request needs it. The watcher is held throughout, so that shutdown waits for the fast
+/// path's in-flight request too.
+async fn serve_h1<I>(
+    io: I,
+    info: Arc<ConnInfo>,
+    proxy: Arc<Proxy>,
+    watcher: Watcher,
+    limits: &h1::Limits,
+    shutdown: &CancellationToken,
+    builder: &auto::Builder<TokioExecutor>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if let h1::Served::Hyper(io, read) = h1::serve(io, &proxy, &info, limits, shutdown).await {
+        serve_conn(h1::Rewind::new(io, read), info, proxy, builder, watcher).await
     }
 }
 
