@@ -2,7 +2,8 @@
 //! as an equivalent keep-alive reverse proxy to the same `weir echo` backend on loopback.
 //! Measures HTTP/1.1 with wrk at 64 and 256 connections (requests/s, p99), TLS + HTTP/2 with
 //! h2load, and 100 routing changes (one per 100 ms) under wrk load with open WebSockets,
-//! counting failed requests and dropped WebSockets. Writes the `ingress` section of
+//! counting failed requests and dropped WebSockets. The HTTP/1.1 runs also measure haproxy as a
+//! plain TCP relay, as a ceiling for what any proxy reaches here. Writes the `ingress` section of
 //! `docs/benchmarks.md`.
 //!
 //! Run: `cargo run --release -p weir-bench --bin ingress_bench [-- --duration 10]`.
@@ -165,6 +166,9 @@ async fn upgrade_echo(addr: SocketAddr) -> Result<()> {
     }
 }
 
+/// The row name of the TCP relay, whose requests/s marks about the most an HTTP proxy can reach.
+const RELAY: &str = "L4 relay (haproxy mode tcp)";
+
 struct Proxy {
     name: &'static str,
     /// The process whose CPU time is charged to this proxy.
@@ -263,6 +267,18 @@ async fn bench(cli: Cli) -> Result<()> {
         children: false,
         ..haproxy
     };
+    let relay = Proxy {
+        pid: 0,
+        children: false,
+        name: RELAY,
+        http: free_addr()?,
+        https: free_addr()?,
+    };
+    let relay_proc = start_relay(&dir.0, &relay, echo0)?;
+    let relay = Proxy {
+        pid: relay_proc.0.id(),
+        ..relay
+    };
     let weir = Proxy {
         pid: std::process::id(),
         children: false,
@@ -274,7 +290,10 @@ async fn bench(cli: Cli) -> Result<()> {
         wait_listening(p.http, p.name)?;
         wait_listening(p.https, p.name)?;
     }
+    wait_listening(relay.http, relay.name)?;
     let proxies = [&weir, &nginx, &haproxy];
+    // HTTP/1.1 only: the relay passes bytes through, so it has no TLS + h2 to offer.
+    let h1_proxies = [&weir, &nginx, &haproxy, &relay];
 
     let mut md = String::new();
     writeln!(md, "## Ingress proxy: weir vs nginx vs haproxy\n")?;
@@ -294,6 +313,13 @@ async fn bench(cli: Cli) -> Result<()> {
         weir_workers,
         tool_version("nginx", &["-v"]),
         tool_version("haproxy", &["-v"]),
+    )?;
+    writeln!(
+        md,
+        "The L4 relay row is not an HTTP proxy: haproxy in `mode tcp` (`nbthread 2`) copies each client \
+         connection's bytes to a backend connection of its own and back, parsing nothing. Every proxy here must \
+         at least read and write each request and each response once, which is all the relay does, so its \
+         requests/s marks about the most an HTTP proxy can reach on this machine.\n"
     )?;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     writeln!(
@@ -318,12 +344,12 @@ async fn bench(cli: Cli) -> Result<()> {
     let conn_counts: &[u32] = if cli.quick { &[64] } else { &[64, 256] };
     for &conns in conn_counts {
         let mut results: Vec<(&str, Vec<(WrkResult, f64)>)> =
-            proxies.iter().map(|p| (p.name, Vec::new())).collect();
+            h1_proxies.iter().map(|p| (p.name, Vec::new())).collect();
         for round in 0..cli.rounds {
             // Rotate the order each round so no proxy always runs first or last.
-            for k in 0..proxies.len() {
-                let i = (k + round) % proxies.len();
-                let p = proxies[i];
+            for k in 0..h1_proxies.len() {
+                let i = (k + round) % h1_proxies.len();
+                let p = h1_proxies[i];
                 wrk(p.http, conns, 1).await?;
                 let cpu = cpu_ticks(p.pid, p.children);
                 let r = wrk(p.http, conns, cli.duration).await?;
@@ -361,7 +387,7 @@ async fn bench(cli: Cli) -> Result<()> {
 
     let backend_pid = backend_proc.0.id();
     let mut counted = Vec::new();
-    for p in proxies {
+    for p in h1_proxies {
         wrk(p.http, 64, 1).await?;
         let c = count(p, backend_pid, 64, cli.duration.min(5)).await?;
         eprintln!(
@@ -631,6 +657,37 @@ backend be
     Ok(ChildGuard(child))
 }
 
+/// haproxy as a plain TCP relay: one backend connection per client connection, no HTTP.
+fn start_relay(dir: &Path, p: &Proxy, backend: SocketAddr) -> Result<ChildGuard> {
+    let conf = format!(
+        r#"global
+    maxconn 8000
+    nbthread 2
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend fe
+    bind {http}
+    default_backend be
+backend be
+    server echo {backend}
+"#,
+        http = p.http,
+    );
+    let path = dir.join("relay.cfg");
+    std::fs::write(&path, conf)?;
+    let child = Command::new("haproxy")
+        .arg("-f")
+        .arg(&path)
+        .arg("-db")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting haproxy as a TCP relay")?;
+    Ok(ChildGuard(child))
+}
+
 #[derive(Debug, Default)]
 struct WrkResult {
     rps: f64,
@@ -827,6 +884,13 @@ fn write_counts(md: &mut String, counted: &[(&str, Counts)], secs: u64) -> Resul
             w.sys_us,
             n.sys_us,
         )?;
+        if let Some(r) = find(RELAY) {
+            writeln!(
+                md,
+                " The L4 relay, which parses nothing, spent {:.1} µs of user and {:.1} µs of system CPU per request.",
+                r.user_us, r.sys_us
+            )?;
+        }
     }
     Ok(())
 }
