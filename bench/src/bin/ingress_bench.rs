@@ -241,44 +241,9 @@ async fn bench(cli: Cli) -> Result<()> {
     let shutdown = CancellationToken::new();
     let weir_task = tokio::spawn(server.serve(shutdown.clone()));
 
-    let nginx = Proxy {
-        pid: 0,
-        children: false,
-        name: "nginx",
-        http: free_addr()?,
-        https: free_addr()?,
-    };
-    let nginx_proc = start_nginx(&dir.0, &nginx, echo0)?;
-    let nginx = Proxy {
-        pid: nginx_proc.0.id(),
-        children: true,
-        ..nginx
-    };
-    let haproxy = Proxy {
-        pid: 0,
-        children: false,
-        name: "haproxy",
-        http: free_addr()?,
-        https: free_addr()?,
-    };
-    let haproxy_proc = start_haproxy(&dir.0, &haproxy, echo0)?;
-    let haproxy = Proxy {
-        pid: haproxy_proc.0.id(),
-        children: false,
-        ..haproxy
-    };
-    let relay = Proxy {
-        pid: 0,
-        children: false,
-        name: RELAY,
-        http: free_addr()?,
-        https: free_addr()?,
-    };
-    let relay_proc = start_relay(&dir.0, &relay, echo0)?;
-    let relay = Proxy {
-        pid: relay_proc.0.id(),
-        ..relay
-    };
+    let (nginx, _nginx) = peer("nginx", true, |p| start_nginx(&dir.0, p, echo0))?;
+    let (haproxy, _haproxy) = peer("haproxy", false, |p| start_haproxy(&dir.0, p, echo0))?;
+    let (relay, _relay) = peer(RELAY, false, |p| start_relay(&dir.0, p, echo0))?;
     let weir = Proxy {
         pid: std::process::id(),
         children: false,
@@ -570,6 +535,25 @@ fn tool_version(tool: &str, args: &[&str]) -> String {
         .to_string()
 }
 
+/// A peer proxy on fresh loopback ports, started by `start`; its CPU time is that of the
+/// process `start` spawns (and of that process's children if `children`).
+fn peer(
+    name: &'static str,
+    children: bool,
+    start: impl FnOnce(&Proxy) -> Result<ChildGuard>,
+) -> Result<(Proxy, ChildGuard)> {
+    let mut p = Proxy {
+        pid: 0,
+        children,
+        name,
+        http: free_addr()?,
+        https: free_addr()?,
+    };
+    let child = start(&p)?;
+    p.pid = child.0.id();
+    Ok((p, child))
+}
+
 fn start_nginx(dir: &Path, p: &Proxy, backend: SocketAddr) -> Result<ChildGuard> {
     let d = dir.display();
     let conf = format!(
@@ -645,16 +629,7 @@ backend be
         https = p.https,
         d = dir.display(),
     );
-    let path = dir.join("haproxy.cfg");
-    std::fs::write(&path, conf)?;
-    let child = Command::new("haproxy")
-        .arg("-f")
-        .arg(&path)
-        .arg("-db")
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting haproxy")?;
-    Ok(ChildGuard(child))
+    spawn_haproxy(&dir.join("haproxy.cfg"), &conf)
 }
 
 /// haproxy as a plain TCP relay: one backend connection per client connection, no HTTP.
@@ -676,15 +651,18 @@ backend be
 "#,
         http = p.http,
     );
-    let path = dir.join("relay.cfg");
-    std::fs::write(&path, conf)?;
+    spawn_haproxy(&dir.join("relay.cfg"), &conf)
+}
+
+fn spawn_haproxy(path: &Path, conf: &str) -> Result<ChildGuard> {
+    std::fs::write(path, conf)?;
     let child = Command::new("haproxy")
         .arg("-f")
-        .arg(&path)
+        .arg(path)
         .arg("-db")
         .stdout(Stdio::null())
         .spawn()
-        .context("starting haproxy as a TCP relay")?;
+        .with_context(|| format!("starting haproxy with {}", path.display()))?;
     Ok(ChildGuard(child))
 }
 
