@@ -52,16 +52,41 @@ impl Error {
     }
 }
 
-/// One frontend as `weir lb list` shows it, read from the maps.
+/// One frontend entry as `weir lb list` shows it, read from the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListRow {
     pub frontend: SocketAddrV4,
     pub proto: &'static str,
+    /// Which clients this entry serves: an external frontend of an `externalTrafficPolicy:
+    /// Local` Service has two rows.
+    pub scope: Scope,
     pub id: u32,
     pub algorithm: Algorithm,
     pub affinity_timeout_secs: Option<u32>,
     pub backends: Vec<SocketAddrV4>,
     pub counters: Counters,
+}
+
+/// The clients a frontend's map entry serves (`weir_lb_common::SCOPE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Every client: the frontend's only entry.
+    All,
+    /// Clients outside the node (the tc path): the node's own endpoints of an
+    /// `externalTrafficPolicy: Local` Service.
+    External,
+    /// Clients on this node (the socket hooks): that Service's cluster-wide endpoints.
+    Internal,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::External => "external",
+            Self::Internal => "internal",
+        }
+    }
 }
 
 /// Keeps the maps equal to the desired state, writing only differences.

@@ -15,7 +15,8 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader, util::nr_cpus};
 use weir_lb_common::{
-    Backend, BackendKey, Counters, MAGLEV_MAX, MaglevTable, ServiceKey, ServiceValue,
+    Backend, BackendKey, Counters, FLAG_TWO_SCOPES, MAGLEV_MAX, MaglevTable, SCOPE_INTERNAL,
+    ServiceKey, ServiceValue,
 };
 
 use crate::Error;
@@ -326,7 +327,8 @@ impl LbMaps {
         }))
     }
 
-    /// The rows of `weir lb list`, read from the maps alone, sorted by frontend.
+    /// The rows of `weir lb list`, read from the maps alone, sorted by frontend (a frontend's
+    /// external entry before its internal one).
     pub fn list(&self) -> Result<Vec<crate::ListRow>, Error> {
         let st = self.read_state()?;
         let mut rows = BTreeMap::new();
@@ -341,6 +343,13 @@ impl LbMaps {
                 .get(&v.id)
                 .map(|s| s.values().map(crate::plan::backend_addr).collect())
                 .unwrap_or_default();
+            let scope = if k.scope == SCOPE_INTERNAL {
+                crate::Scope::Internal
+            } else if v.flags & FLAG_TWO_SCOPES != 0 {
+                crate::Scope::External
+            } else {
+                crate::Scope::All
+            };
             let row = crate::ListRow {
                 frontend,
                 proto: if k.proto == weir_lb_common::PROTO_UDP {
@@ -348,6 +357,7 @@ impl LbMaps {
                 } else {
                     "TCP"
                 },
+                scope,
                 id: v.id,
                 algorithm: crate::Algorithm::from_map(v.algorithm),
                 affinity_timeout_secs: (v.flags & weir_lb_common::FLAG_AFFINITY != 0)
@@ -355,7 +365,7 @@ impl LbMaps {
                 backends,
                 counters: self.counters(v.id)?,
             };
-            rows.insert((frontend, k.proto), row);
+            rows.insert((frontend, k.proto, k.scope), row);
         }
         Ok(rows.into_values().collect())
     }

@@ -97,6 +97,13 @@ pub struct DesiredFrontend {
     pub service: Arc<ServiceRef>,
     /// Sorted and unique; empty means "refuse connections".
     pub backends: Arc<[SocketAddrV4]>,
+    /// `Some` for an external frontend (externalIP, load balancer IP, NodePort) of an
+    /// `externalTrafficPolicy: Local` Service: its cluster-wide endpoints, for clients on this
+    /// node (pods, host processes: the socket hooks), while `backends` holds this node's
+    /// endpoints, for traffic from outside the node (the tc path). kube-proxy does the same
+    /// ("short-circuiting" in-cluster traffic to the Service's cluster endpoints), whatever
+    /// the `internalTrafficPolicy`. Programmed as a second map entry (`SCOPE_INTERNAL`).
+    pub internal_backends: Option<Arc<[SocketAddrV4]>>,
     pub algorithm: Algorithm,
     /// `Some(timeout)` for `sessionAffinity: ClientIP`.
     pub affinity_timeout_secs: Option<u32>,
@@ -243,20 +250,23 @@ pub fn desired(
                 name: name.to_string(),
                 port: port.name.clone().unwrap_or_default(),
             });
-            let mut add = |addrs: &mut dyn Iterator<Item = SocketAddrV4>,
-                           backends: &Arc<[SocketAddrV4]>| {
-                for addr in addrs {
-                    out.push((
-                        Frontend { addr, proto },
-                        DesiredFrontend {
-                            service: service.clone(),
-                            backends: backends.clone(),
-                            algorithm,
-                            affinity_timeout_secs,
-                        },
-                    ));
-                }
-            };
+            let mut add =
+                |addrs: &mut dyn Iterator<Item = SocketAddrV4>,
+                 backends: &Arc<[SocketAddrV4]>,
+                 internal_backends: Option<&Arc<[SocketAddrV4]>>| {
+                    for addr in addrs {
+                        out.push((
+                            Frontend { addr, proto },
+                            DesiredFrontend {
+                                service: service.clone(),
+                                backends: backends.clone(),
+                                internal_backends: internal_backends.cloned(),
+                                algorithm,
+                                affinity_timeout_secs,
+                            },
+                        ));
+                    }
+                };
             if !cluster_vips.is_empty() {
                 let backends = backends_for(
                     port,
@@ -267,6 +277,7 @@ pub fn desired(
                 add(
                     &mut cluster_vips.iter().map(|ip| SocketAddrV4::new(*ip, vport)),
                     &backends,
+                    None,
                 );
             }
             let node_addrs = node_port.into_iter().flat_map(|np| {
@@ -286,7 +297,9 @@ pub fn desired(
                     local(external_local),
                     (&mut ready, &mut terminating),
                 );
-                add(&mut external, &backends);
+                let internal = external_local
+                    .then(|| backends_for(port, slices, None, (&mut ready, &mut terminating)));
+                add(&mut external, &backends, internal.as_ref());
             }
         }
     }

@@ -5,11 +5,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddrV4;
 
 use weir_lb_common::{
-    Backend, BackendKey, FLAG_AFFINITY, ServiceKey, ServiceValue, ip_to_map, port_to_map,
+    Backend, BackendKey, FLAG_AFFINITY, FLAG_TWO_SCOPES, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    ServiceKey, ServiceValue, ip_to_map, port_to_map,
 };
 
 use crate::maglev;
-use crate::model::{Algorithm, Desired, Frontend};
+use crate::model::{Algorithm, Desired, DesiredFrontend, Frontend};
 
 /// A mirror of the service, backend and Maglev maps, read once from the pinned maps at start
 /// and kept in step with every write, so a sync never reads the maps back.
@@ -67,12 +68,26 @@ impl Default for MaglevConfig {
     }
 }
 
+/// The key of a frontend's `SCOPE_EXTERNAL` entry: the one every frontend has.
 pub fn service_key(fe: &Frontend) -> ServiceKey {
+    scoped_key(fe, SCOPE_EXTERNAL)
+}
+
+/// The keys of every entry `fe` may have: its `SCOPE_EXTERNAL` one, and the `SCOPE_INTERNAL`
+/// one of an `externalTrafficPolicy: Local` external frontend.
+pub fn service_keys(fe: &Frontend) -> [ServiceKey; 2] {
+    [
+        scoped_key(fe, SCOPE_EXTERNAL),
+        scoped_key(fe, SCOPE_INTERNAL),
+    ]
+}
+
+fn scoped_key(fe: &Frontend, scope: u8) -> ServiceKey {
     ServiceKey {
         addr: ip_to_map(fe.addr.ip().octets()),
         port: port_to_map(fe.addr.port()),
         proto: fe.proto,
-        _pad: 0,
+        scope,
     }
 }
 
@@ -99,29 +114,104 @@ pub fn plan_scoped(
     removable: Option<&[Frontend]>,
     mcfg: MaglevConfig,
 ) -> Plan {
-    let mut p = Plan::default();
-    // Built only when a new frontend needs an id.
-    let mut used: Option<HashSet<u32>> = None;
-    let mut next_id = 1u32;
+    let mut planner = Planner {
+        state,
+        mcfg,
+        p: Plan::default(),
+        used: None,
+        next_id: 1,
+        empty: BTreeMap::new(),
+    };
     let mut wanted_keys = HashSet::with_capacity(desired.len());
-    let empty = BTreeMap::new();
     for (fe, want) in desired {
+        let mut flags = if want.affinity_timeout_secs.is_some() {
+            FLAG_AFFINITY
+        } else {
+            0
+        };
+        if let Some(internal) = &want.internal_backends {
+            // Written before the external entry that points the socket hooks at it.
+            let key = scoped_key(fe, SCOPE_INTERNAL);
+            wanted_keys.insert(key);
+            planner.entry(key, internal, want, flags);
+            flags |= FLAG_TWO_SCOPES;
+        }
         let key = service_key(fe);
         wanted_keys.insert(key);
+        planner.entry(key, &want.backends, want, flags);
+    }
+    let mut p = planner.p;
+    let gone: Vec<(&ServiceKey, &ServiceValue)> = match removable {
+        None => state
+            .services
+            .iter()
+            .filter(|(k, _)| !wanted_keys.contains(*k))
+            .collect(),
+        Some(fes) => fes
+            .iter()
+            .flat_map(service_keys)
+            .filter(|k| !wanted_keys.contains(k))
+            .filter_map(|k| state.services.get_key_value(&k))
+            .collect(),
+    };
+    for (key, v) in gone {
+        p.del_services.push(*key);
+        p.freed_ids.push(v.id);
+        for &slot in state
+            .backends
+            .get(&v.id)
+            .into_iter()
+            .flat_map(BTreeMap::keys)
+        {
+            p.del_backends.push(BackendKey {
+                service_id: v.id,
+                slot,
+            });
+        }
+        if state.maglev.contains_key(&v.id) {
+            p.del_maglev.push(v.id);
+        }
+    }
+    p
+}
+
+/// Plans map entries one at a time, handing out ids of new ones.
+struct Planner<'a> {
+    state: &'a MapState,
+    mcfg: MaglevConfig,
+    p: Plan,
+    /// Ids in use, built only when a new entry needs an id.
+    used: Option<HashSet<u32>>,
+    next_id: u32,
+    empty: BTreeMap<u32, Backend>,
+}
+
+impl Planner<'_> {
+    /// The writes that give entry `key` the `backends` and settings of `want`, and `flags`.
+    fn entry(
+        &mut self,
+        key: ServiceKey,
+        backends: &[SocketAddrV4],
+        want: &DesiredFrontend,
+        flags: u8,
+    ) {
+        let state = self.state;
+        let p = &mut self.p;
         let (id, current) = match state.services.get(&key) {
-            Some(v) => (v.id, state.backends.get(&v.id).unwrap_or(&empty)),
+            Some(v) => (v.id, state.backends.get(&v.id).unwrap_or(&self.empty)),
             None => {
-                let used =
-                    used.get_or_insert_with(|| state.services.values().map(|v| v.id).collect());
-                while used.contains(&next_id) {
-                    next_id += 1;
+                let used = self
+                    .used
+                    .get_or_insert_with(|| state.services.values().map(|v| v.id).collect());
+                while used.contains(&self.next_id) {
+                    self.next_id += 1;
                 }
-                used.insert(next_id);
-                (next_id, &empty)
+                used.insert(self.next_id);
+                (self.next_id, &self.empty)
             }
         };
-        let n = want.backends.len().min(u16::MAX as usize);
-        let wanted: BTreeSet<Backend> = want.backends[..n].iter().map(backend_value).collect();
+        let n = backends.len().min(u16::MAX as usize);
+        let wanted: BTreeSet<Backend> = backends[..n].iter().map(backend_value).collect();
         let mut slots: Vec<Option<Backend>> = vec![None; n];
         let mut placed = HashSet::new();
         for (s, slot) in slots.iter_mut().enumerate() {
@@ -157,7 +247,7 @@ pub fn plan_scoped(
         let maglev = want.algorithm == Algorithm::Maglev && !slots.is_empty();
         if maglev {
             let addrs: Vec<SocketAddrV4> = slots.iter().map(backend_addr).collect();
-            let table = maglev::table(&addrs, mcfg.table_size, mcfg.seed);
+            let table = maglev::table(&addrs, self.mcfg.table_size, self.mcfg.seed);
             if state.maglev.get(&id) != Some(&table) {
                 p.put_maglev.push((id, table));
             }
@@ -168,50 +258,14 @@ pub fn plan_scoped(
             id,
             count: slots.len() as u16,
             algorithm: want.algorithm.to_map(),
-            flags: if want.affinity_timeout_secs.is_some() {
-                FLAG_AFFINITY
-            } else {
-                0
-            },
+            flags,
             affinity_timeout_secs: want.affinity_timeout_secs.unwrap_or(0),
-            maglev_size: if maglev { mcfg.table_size } else { 0 },
+            maglev_size: if maglev { self.mcfg.table_size } else { 0 },
         };
         if state.services.get(&key) != Some(&value) {
             p.put_services.push((key, value));
         }
     }
-    let gone: Vec<(&ServiceKey, &ServiceValue)> = match removable {
-        None => state
-            .services
-            .iter()
-            .filter(|(k, _)| !wanted_keys.contains(*k))
-            .collect(),
-        Some(fes) => fes
-            .iter()
-            .map(service_key)
-            .filter(|k| !wanted_keys.contains(k))
-            .filter_map(|k| state.services.get_key_value(&k))
-            .collect(),
-    };
-    for (key, v) in gone {
-        p.del_services.push(*key);
-        p.freed_ids.push(v.id);
-        for &slot in state
-            .backends
-            .get(&v.id)
-            .into_iter()
-            .flat_map(BTreeMap::keys)
-        {
-            p.del_backends.push(BackendKey {
-                service_id: v.id,
-                slot,
-            });
-        }
-        if state.maglev.contains_key(&v.id) {
-            p.del_maglev.push(v.id);
-        }
-    }
-    p
 }
 
 pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
@@ -277,6 +331,7 @@ mod tests {
                 .iter()
                 .map(|&i| SocketAddrV4::new([10, 244, 0, i].into(), 8080))
                 .collect(),
+            internal_backends: None,
             algorithm,
             affinity_timeout_secs: None,
         }
@@ -369,5 +424,103 @@ mod tests {
         d.insert(fe(1), want(&[1, 2, 3], Algorithm::Random));
         let p = step(&mut st, &d);
         assert_eq!(p.del_maglev, vec![1]);
+    }
+
+    #[test]
+    fn external_traffic_policy_flips_add_and_remove_only_the_internal_entries() {
+        use crate::model::{ModelConfig, desired};
+        use k8s_openapi::api::core::v1::Service;
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let svc = |policy: &str| -> Service {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "lb", "namespace": "default"},
+                "spec": {"type": "NodePort", "clusterIP": "10.96.0.10", "externalIPs": ["203.0.113.1"],
+                         "externalTrafficPolicy": policy,
+                         "ports": [{"name": "http", "port": 80, "nodePort": 30080}]}
+            }))
+            .expect("Service")
+        };
+        let eps: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "lb-1", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "lb"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.244.0.2"], "nodeName": "a"},
+                          {"addresses": ["10.244.1.2"], "nodeName": "b"}]
+        }))
+        .expect("EndpointSlice");
+        let cfg = ModelConfig {
+            node_name: Some("b".into()),
+            node_ips: vec![[192, 168, 1, 5].into()],
+            ..Default::default()
+        };
+        let want = |policy: &str| desired(&[svc(policy)], std::slice::from_ref(&eps), &cfg).0;
+        let at = |ip: [u8; 4], port: u16| Frontend {
+            addr: SocketAddrV4::new(ip.into(), port),
+            proto: PROTO_TCP,
+        };
+        // In the order of the desired state (by address).
+        let externals = [at([192, 168, 1, 5], 30080), at([203, 0, 113, 1], 80)];
+        let internal_keys: Vec<ServiceKey> = externals.iter().map(|f| service_keys(f)[1]).collect();
+
+        // Cluster: one entry per frontend, both endpoints everywhere.
+        let mut st = MapState::default();
+        let p = step(&mut st, &want("Cluster"));
+        assert_eq!((p.put_services.len(), p.put_backends.len()), (3, 6));
+        assert!(st.services.values().all(|v| v.flags == 0 && v.count == 2));
+
+        // Local: the two external frontends gain an internal entry with both endpoints, and
+        // their own entry keeps this node's endpoint only; the ClusterIP is not touched.
+        let p = step(&mut st, &want("Local"));
+        let puts: Vec<ServiceKey> = p.put_services.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            puts,
+            vec![
+                internal_keys[0],
+                service_key(&externals[0]),
+                internal_keys[1],
+                service_key(&externals[1])
+            ],
+            "each internal entry is written before the external entry that points at it"
+        );
+        assert!(p.del_services.is_empty());
+        assert_eq!(
+            p.put_backends.len(),
+            4 + 2,
+            "two slots per new entry, slot 0 of each narrowed one"
+        );
+        assert_eq!(p.del_backends.len(), 2, "slot 1 of each narrowed entry");
+        for f in &externals {
+            let ext = st.services[&service_key(f)];
+            let int = st.services[&service_keys(f)[1]];
+            assert_eq!((ext.count, ext.flags), (1, FLAG_TWO_SCOPES));
+            assert_eq!((int.count, int.flags), (2, 0));
+            assert_eq!(
+                backend_addr(&st.backends[&ext.id][&0]),
+                SocketAddrV4::new([10, 244, 1, 2].into(), 8080)
+            );
+        }
+        let internal_ids: Vec<u32> = internal_keys.iter().map(|k| st.services[k].id).collect();
+
+        // Back to Cluster: exactly the internal entries (and their slots) go.
+        let p = step(&mut st, &want("Cluster"));
+        let mut dels = p.del_services.clone();
+        dels.sort();
+        let mut want_dels = internal_keys.clone();
+        want_dels.sort();
+        assert_eq!(dels, want_dels);
+        let mut freed = p.freed_ids.clone();
+        freed.sort();
+        assert_eq!(freed, internal_ids);
+        assert_eq!(p.put_services.len(), 2, "the external entries widen again");
+        assert_eq!(st.services.len(), 3);
+
+        // A scoped sync that deletes the Local Service deletes its internal entries too.
+        step(&mut st, &want("Local"));
+        let fronts: Vec<Frontend> = want("Local").into_keys().collect();
+        let p = plan_scoped(&st, &Desired::new(), Some(&fronts), MaglevConfig::default());
+        assert_eq!(p.del_services.len(), 5);
+        st.apply(&p);
+        assert!(st.services.is_empty() && st.backends.is_empty());
     }
 }

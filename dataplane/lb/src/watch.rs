@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::LbMetrics;
 use crate::model::{Desired, Frontend, ModelConfig, desired};
-use crate::plan::service_key;
+use crate::plan::service_keys;
 use crate::{Error, Syncer};
 use stale::{StaleUdp, UdpPairs};
 
@@ -232,8 +232,8 @@ impl WatchState {
         let mut removable = Vec::new();
         for key in &touched {
             if let Some(old) = self.fronts.remove(key) {
-                for fe in &old {
-                    if let Some(v) = syncer.state().services.get(&service_key(fe)) {
+                for key in old.iter().flat_map(service_keys) {
+                    if let Some(v) = syncer.state().services.get(&key) {
                         self.names.remove(&v.id);
                     }
                 }
@@ -266,8 +266,11 @@ impl WatchState {
         for (fe, d) in want {
             let key = (d.service.namespace.clone(), d.service.name.clone());
             self.fronts.entry(key).or_default().push(*fe);
-            if let Some(v) = syncer.state().services.get(&service_key(fe)) {
-                self.names.insert(v.id, d.service.clone());
+            // Both entries of a two-scope frontend count for its Service.
+            for key in service_keys(fe) {
+                if let Some(v) = syncer.state().services.get(&key) {
+                    self.names.insert(v.id, d.service.clone());
+                }
             }
         }
     }

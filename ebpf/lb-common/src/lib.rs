@@ -29,15 +29,29 @@ pub const ALG_MAGLEV: u8 = 2;
 
 /// `ServiceValue::flags`: `sessionAffinity: ClientIP`.
 pub const FLAG_AFFINITY: u8 = 1;
+/// `ServiceValue::flags` of a `SCOPE_EXTERNAL` entry: the frontend also has a `SCOPE_INTERNAL`
+/// entry, which the socket hooks use instead of this one.
+pub const FLAG_TWO_SCOPES: u8 = 2;
 
-/// Key of `SERVICES`: a Service's virtual address as the application dialled it.
+/// `ServiceKey::scope` (after Cilium's `lb4_key.scope`). Every frontend has an entry of
+/// `SCOPE_EXTERNAL`, the one every lookup tries first and the only one the tc path (traffic
+/// from outside the node) uses. An external frontend of an `externalTrafficPolicy: Local`
+/// Service holds this node's endpoints there, flagged `FLAG_TWO_SCOPES`, and has a second
+/// entry of `SCOPE_INTERNAL` with the cluster-wide endpoints, which the socket hooks (clients
+/// on this node) use: kube-proxy sends in-cluster traffic to external addresses to every
+/// endpoint, not only to the node's own.
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// Key of `SERVICES`: a Service's virtual address as the application dialled it, and which
+/// of its entries (`SCOPE_*`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub addr: u32,
     pub port: u16,
     pub proto: u8,
-    pub _pad: u8,
+    pub scope: u8,
 }
 
 /// Value of `SERVICES`. `count` is the number of backend slots `0..count` of `id` to choose from;

@@ -13,7 +13,8 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use weir_lb_common::{
     ALG_MAGLEV, ALG_ROUND_ROBIN, AffinityKey, AffinityValue, Backend, BackendKey, FLAG_AFFINITY,
-    MAGLEV_MAX, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, ServiceValue, flow_hash,
+    FLAG_TWO_SCOPES, MAGLEV_MAX, PROTO_TCP, PROTO_UDP, RevNatKey, RevNatValue, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, ServiceKey, ServiceValue, flow_hash,
 };
 
 use crate::maps::{AFFINITY, BACKENDS, COUNTERS, MAGLEV, REVNAT, RR, SERVICES};
@@ -36,16 +37,24 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return ALLOW;
     }
-    let key = ServiceKey {
+    let mut key = ServiceKey {
         addr: sa.user_ip4,
         port: sa.user_port as u16,
         proto,
-        _pad: 0,
+        scope: SCOPE_EXTERNAL,
     };
     let Some(svc) = SERVICES.get_ptr(&key) else {
         return ALLOW;
     };
-    let svc = unsafe { *svc };
+    let mut svc = unsafe { *svc };
+    // This socket's owner is on this node: an `externalTrafficPolicy: Local` frontend gives it
+    // the cluster-wide endpoints. Should that entry be missing, the node's own still serve.
+    if svc.flags & FLAG_TWO_SCOPES != 0 {
+        key.scope = SCOPE_INTERNAL;
+        if let Some(internal) = SERVICES.get_ptr(&key) {
+            svc = unsafe { *internal };
+        }
+    }
     let counters = COUNTERS.get_ptr_mut(svc.id);
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some((backend, _)) = select(&svc, netns, flow_id(ctx)) else {

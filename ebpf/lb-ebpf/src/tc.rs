@@ -35,7 +35,7 @@ use aya_ebpf::{
 };
 use weir_lb_common::{
     Backend, CLIENT_IP_TAG, CT_FLAG_CLOSING, CT_FLAG_REPLIED, CT_FORWARD, CT_REPLY, CT_SNAT,
-    CT_UNSNAT, CtKey, CtValue, PROTO_TCP, PROTO_UDP, SNAT_PORT_MAX, SNAT_PORT_MIN,
+    CT_UNSNAT, CtKey, CtValue, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SNAT_PORT_MAX, SNAT_PORT_MIN,
     SNAT_TIMEOUT_CLOSING, SNAT_TIMEOUT_TCP, SNAT_TIMEOUT_TCP_SYN, SNAT_TIMEOUT_UDP, ServiceKey,
     port_to_map,
 };
@@ -128,11 +128,13 @@ pub fn ingress(ctx: &TcContext) -> i32 {
     let Some(f) = parse(ctx) else {
         return TC_ACT_OK as i32;
     };
+    // Always the external scope: this packet comes from outside the node, so an
+    // `externalTrafficPolicy: Local` frontend serves it from the node's own endpoints.
     let key = ServiceKey {
         addr: f.daddr,
         port: f.dport,
         proto: f.proto,
-        _pad: 0,
+        scope: SCOPE_EXTERNAL,
     };
     let Some(svc) = SERVICES.get_ptr(&key) else {
         return unsnat(ctx, &f);
@@ -316,7 +318,7 @@ fn allocate_port(f: &Flow, addr: u32) -> Result<u16, c_long> {
             addr,
             port: back.dport,
             proto: f.proto,
-            _pad: 0,
+            scope: SCOPE_EXTERNAL,
         };
         if SERVICES.get_ptr(&frontend).is_some() {
             continue;

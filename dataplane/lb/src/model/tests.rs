@@ -219,6 +219,17 @@ fn node_ports_external_ips_and_lb_ips_follow_external_traffic_policy() {
         assert_eq!(d[&f].backends[0].ip(), &Ipv4Addr::new(10, 244, 1, 2));
     }
 
+    // Clients on this node get every endpoint of those external frontends (kube-proxy's
+    // short-circuit); the ClusterIP has a single set.
+    for f in d
+        .keys()
+        .filter(|f| f.addr.ip() != &Ipv4Addr::new(10, 96, 0, 10))
+    {
+        let internal = d[f].internal_backends.as_deref().unwrap_or_default();
+        assert_eq!(internal.len(), 2, "{f:?}: in-node clients reach both nodes");
+    }
+    assert_eq!(d[&fe(80, PROTO_TCP)].internal_backends, None);
+
     // Cluster (the default): every endpoint; a ClusterIP Service gets no node port frontends
     // even if a stale nodePort is left in its spec.
     let s = web(
@@ -226,6 +237,7 @@ fn node_ports_external_ips_and_lb_ips_follow_external_traffic_policy() {
     );
     let (d, _) = desired(&[s], std::slice::from_ref(&eps), &cfg);
     assert_eq!(d[&at([192, 168, 1, 5], 30080, PROTO_TCP)].backends.len(), 2);
+    assert!(d.values().all(|f| f.internal_backends.is_none()));
     let s = web(json!({"ports": [{"name": "http", "port": 80, "nodePort": 30080}]}));
     let (d, _) = desired(&[s], &[eps], &cfg);
     assert_eq!(d.len(), 1);
@@ -267,4 +279,43 @@ fn of_two_services_claiming_one_frontend_the_later_one_wins() {
         assert_eq!(d.len(), 1);
         assert_eq!(d[&fe(80, PROTO_TCP)].service.name, second);
     }
+}
+
+#[test]
+fn in_node_clients_of_a_local_external_frontend_get_the_cluster_wide_endpoints() {
+    // internalTrafficPolicy does not narrow them (kube-proxy: UsesClusterEndpoints); a node
+    // with no endpoint of its own refuses outside traffic but serves its pods; terminating
+    // endpoints stand in only when no ready one is left cluster-wide.
+    let eps = endpoints(json!([
+        {"addresses": ["10.244.0.2"], "nodeName": "a"},
+        {"addresses": ["10.244.2.2"], "nodeName": "c"},
+        {"addresses": ["10.244.1.2"], "nodeName": "b",
+         "conditions": {"ready": false, "serving": true, "terminating": true}}
+    ]));
+    let cfg = ModelConfig {
+        node_name: Some("b".into()),
+        ..Default::default()
+    };
+    let s = web(json!({
+        "type": "LoadBalancer", "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+        "externalIPs": ["203.0.113.1"]
+    }));
+    let (d, _) = desired(&[s], &[eps], &cfg);
+    let ext = &d[&at([203, 0, 113, 1], 80, PROTO_TCP)];
+    let ips = |b: &[SocketAddrV4]| b.iter().map(|a| a.ip().to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        ips(&ext.backends),
+        ["10.244.1.2"],
+        "node b's terminating one"
+    );
+    assert_eq!(
+        ips(ext.internal_backends.as_deref().unwrap_or_default()),
+        ["10.244.0.2", "10.244.2.2"],
+        "every ready endpoint, on any node"
+    );
+    assert_eq!(
+        addrs(&d, fe(80, PROTO_TCP)),
+        ["10.244.1.2:8080"],
+        "the ClusterIP follows internalTrafficPolicy"
+    );
 }

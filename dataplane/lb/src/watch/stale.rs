@@ -31,7 +31,7 @@ use weir_lb_common::{Backend, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, Ser
 
 use crate::Error;
 use crate::model::Frontend;
-use crate::plan::{MapState, backend_addr, backend_value, service_key};
+use crate::plan::{MapState, backend_addr, backend_value, service_keys};
 
 /// (Service address, backend) pairs of UDP frontends, as the maps hold them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -44,12 +44,13 @@ impl UdpPairs {
     }
 
     /// The pairs of the UDP frontends among `frontends`: for a sync scoped to them, so the
-    /// cost follows the change, not the cluster.
+    /// cost follows the change, not the cluster. Both entries of an `externalTrafficPolicy:
+    /// Local` frontend count: a backend is gone from its address once neither has it.
     pub fn of<'a>(state: &MapState, frontends: impl IntoIterator<Item = &'a Frontend>) -> Self {
         let keys: Vec<ServiceKey> = frontends
             .into_iter()
             .filter(|f| f.proto == PROTO_UDP)
-            .map(service_key)
+            .flat_map(service_keys)
             .collect();
         Self::collect(
             state,
@@ -443,6 +444,7 @@ fn nlmsg_error(payload: &[u8], what: &str) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::service_key;
     use std::collections::BTreeMap;
     use std::net::UdpSocket;
     use weir_lb_common::PROTO_TCP;
