@@ -1,7 +1,8 @@
 //! End-to-end tests of the socket load balancer: real BPF programs attached to a cgroup of the
 //! test's own, pods as network namespaces on a bridge in a node namespace with no route out,
-//! backends answering with their pod name. Needs root. Tests share the process-wide cgroup
-//! membership, so they run one at a time.
+//! backends answering with their pod name (and, for `externalTrafficPolicy: Local`, another
+//! node holding the only endpoint and an outside client on the tc path). Needs root. Tests
+//! share the process-wide cgroup membership, so they run one at a time.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -12,8 +13,9 @@ use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
-use weir_lb::netlab::{Lab, Pod, TestBpfRoot, TestCgroup, in_netns};
-use weir_lb::{MaglevConfig, ModelConfig, Syncer, load_and_attach, model};
+use weir_lb::netlab::{Lab, Pod, TestBpfRoot, TestCgroup, in_netns, ip};
+use weir_lb::tc::TcPrograms;
+use weir_lb::{MaglevConfig, ModelConfig, Scope, Syncer, load_and_attach, model};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -71,8 +73,8 @@ struct Env {
     bpf: TestBpfRoot,
     backends: Vec<Pod>,
     client: Pod,
-    // Held for its Drop: the namespaces live as long as the test.
-    _lab: Lab,
+    // The namespaces live as long as the test.
+    lab: Lab,
     cg: TestCgroup,
     _guard: std::sync::MutexGuard<'static, ()>,
 }
@@ -105,7 +107,7 @@ impl Env {
             bpf,
             backends,
             client,
-            _lab: lab,
+            lab,
             cg,
         })
     }
@@ -474,5 +476,177 @@ fn agent_restart_keeps_established_connections_and_replaces_links() -> Result<()
     }
     let (n, _) = env.client(|| name_of(80))??;
     assert!(n.starts_with("pod"));
+    Ok(())
+}
+
+/// The first line a TCP backend sends: its name.
+fn tcp_name(to: SocketAddr) -> std::io::Result<String> {
+    let s = TcpStream::connect_timeout(&to, TIMEOUT)?;
+    s.set_read_timeout(Some(TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    Ok(line.trim().to_string())
+}
+
+#[test]
+fn pods_reach_a_local_policy_load_balancer_whose_only_endpoint_is_on_another_node() -> Result<()> {
+    const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+    const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+    let mut env = Env::new()?;
+    let remote = env.lab.add_remote_node()?;
+    // Pod CIDRs are routed between nodes: the other node answers this node's pods from its
+    // pod address.
+    ip(
+        Some(&remote.ns),
+        &[
+            "route",
+            "add",
+            "10.244.0.0/24",
+            "via",
+            &remote.node_ip.to_string(),
+            "src",
+            &remote.pod_ip.to_string(),
+        ],
+    )?;
+    let far = Pod {
+        ns: remote.ns.clone(),
+        ip: remote.pod_ip,
+    };
+    serve(&far, "far")?;
+    let ext = env
+        .lab
+        .add_external(&[&format!("{EXTERNAL_IP}/32"), &format!("{LB_IP}/32")])?;
+    let (bpf, devices) = (
+        env.bpf.0.clone(),
+        vec![ext.node_dev.clone(), remote.node_dev.clone()],
+    );
+    in_netns(&env.lab.host, move || -> Result<()> {
+        TcPrograms::load(&bpf)?.attach(&bpf, &devices)?;
+        Ok(())
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("attach thread panicked"))??;
+    let node_ip = ext.node_ip;
+    let program = |env: &mut Env, policy: &str| -> Result<usize> {
+        let svc: Service = serde_json::from_value(json!({
+            "metadata": {"name": "lb", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalIPs": [EXTERNAL_IP.to_string()],
+                     "externalTrafficPolicy": policy,
+                     "ports": [{"name": "echo", "port": 90, "nodePort": 30090},
+                               {"name": "dns", "port": 53, "nodePort": 30091, "protocol": "UDP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": LB_IP.to_string()}]}}
+        }))?;
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "lb-1", "namespace": "default", "labels": {"kubernetes.io/service-name": "lb"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "echo", "port": 9000}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": [{"addresses": [remote.pod_ip.to_string()], "nodeName": "n2"}]
+        }))?;
+        let cfg = ModelConfig {
+            node_name: Some("n1".into()),
+            node_ips: vec![node_ip],
+            ..Default::default()
+        };
+        let (want, problems) = model::desired(&[svc], &[slice], &cfg);
+        ensure!(problems.is_empty(), "{problems:?}");
+        Ok(env.syncer().sync(&want)?)
+    };
+    // From a pod on this node, every external address of the Service (TCP through connect4,
+    // unconnected UDP through sendmsg4/recvmsg4) reaches the endpoint on the other node.
+    let in_node = |env: &Env| -> Result<()> {
+        let (names, udp) = env.client(move || -> std::io::Result<_> {
+            let mut names = Vec::new();
+            for to in [
+                SocketAddr::from((EXTERNAL_IP, 90)),
+                SocketAddr::from((LB_IP, 90)),
+                SocketAddr::from((node_ip, 30090)),
+            ] {
+                names.push((to, tcp_name(to)?));
+            }
+            let u = UdpSocket::bind("0.0.0.0:0")?;
+            u.set_read_timeout(Some(TIMEOUT))?;
+            u.send_to(b"q", (EXTERNAL_IP, 53))?;
+            let mut buf = [0u8; 64];
+            let (k, from) = u.recv_from(&mut buf)?;
+            Ok((
+                names,
+                (String::from_utf8_lossy(&buf[..k]).to_string(), from),
+            ))
+        })??;
+        for (to, name) in names {
+            ensure!(name == "far", "{to} answered by {name:?}");
+        }
+        ensure!(
+            udp == ("far".to_string(), SocketAddr::from((EXTERNAL_IP, 53))),
+            "UDP answer {udp:?}"
+        );
+        Ok(())
+    };
+    // From outside the node (the process out of the cgroup: no socket hook sees these).
+    let from_outside = |env: &mut Env| -> Result<Vec<std::io::Result<String>>> {
+        env.cg.leave()?;
+        let out = in_netns(&ext.ns, move || {
+            [
+                SocketAddr::from((EXTERNAL_IP, 90)),
+                SocketAddr::from((node_ip, 30090)),
+            ]
+            .map(tcp_name)
+            .into_iter()
+            .collect::<Vec<_>>()
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("outside client panicked"));
+        env.cg.enter()?;
+        out
+    };
+    let refused = |r: &std::io::Result<String>| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionRefused);
+
+    program(&mut env, "Local")?;
+    in_node(&env)?;
+    // The tc path keeps Local's promise: no endpoint on this node, so outside clients are
+    // refused (ICMP port unreachable), not sent to the other node.
+    let outside = from_outside(&mut env)?;
+    ensure!(outside.iter().all(refused), "from outside: {outside:?}");
+    let rows = env.syncer().maps().list()?;
+    let lb_rows: Vec<_> = rows
+        .iter()
+        .filter(|r| r.frontend == std::net::SocketAddrV4::new(EXTERNAL_IP, 90))
+        .map(|r| {
+            (
+                r.scope,
+                r.backends.len(),
+                r.counters.connections,
+                r.counters.refused,
+            )
+        })
+        .collect();
+    assert_eq!(
+        lb_rows,
+        [(Scope::External, 0, 0, 1), (Scope::Internal, 1, 1, 0)],
+        "externalIP rows: (scope, backends, connections, refused)"
+    );
+    assert_eq!(
+        rows.len(),
+        14,
+        "per port: the ClusterIP once, externalIP, LB IP and nodePort twice"
+    );
+
+    // Cluster: one entry per frontend again, and outside clients reach the other node too.
+    assert!(program(&mut env, "Cluster")? > 0);
+    let rows = env.syncer().maps().list()?;
+    assert_eq!(rows.len(), 8);
+    assert!(rows.iter().all(|r| r.scope == Scope::All));
+    in_node(&env)?;
+    let outside = from_outside(&mut env)?;
+    ensure!(
+        outside.iter().all(|r| matches!(r, Ok(n) if n == "far")),
+        "from outside under Cluster: {outside:?}"
+    );
+
+    // And back.
+    program(&mut env, "Local")?;
+    in_node(&env)?;
+    let outside = from_outside(&mut env)?;
+    ensure!(outside.iter().all(refused), "from outside: {outside:?}");
     Ok(())
 }
