@@ -1,8 +1,32 @@
 //! Shared pieces of weir's benchmark harnesses (`src/bin/*`): writing a harness's results
-//! into its own section of `docs/benchmarks.md`, and percentiles of latency samples.
+//! into its own section of `docs/benchmarks.md`, percentiles of latency samples, and a guard
+//! that stops the peer processes a harness starts.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// Stops and reaps a child process when dropped, also on error paths. SIGTERM first, so
+/// that a master process (nginx's) takes its workers down with it; SIGKILL if it lingers.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// `docs/benchmarks.md` at the workspace root.
 pub fn benchmarks_md() -> PathBuf {

@@ -104,33 +104,24 @@ struct Figures {
     fsyncs: Option<(String, String)>,
 }
 
-/// A directory removed when this is dropped, on error paths too.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// An in-process API server on a store, with an admin client; stopped by [`Served::stop`]
 /// (or, when dropped on an error path, as soon as `stop` is dropped).
 struct Served {
     client: kube::Client,
     stop: tokio::sync::oneshot::Sender<()>,
     serving: tokio::task::JoinHandle<Result<(), weir_apiserver::ServeError>>,
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Served {
     async fn start(store: Arc<dyn Store>, name: &str) -> anyhow::Result<Self> {
-        let dir = TempDir(
-            std::env::temp_dir().join(format!("weir-api-bench-{}-{name}", std::process::id())),
-        );
-        let mut config = Config::new(dir.0.clone(), store);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("weir-api-bench-{name}-"))
+            .tempdir()?;
+        let mut config = Config::new(dir.path().to_path_buf(), store);
         config.listen = "127.0.0.1:0".parse()?;
         let server = Server::bind(config).await?;
-        let path = dir.0.join("kubeconfig");
+        let path = dir.path().join("kubeconfig");
         kubeconfig::write(
             &path,
             &kubeconfig::Entry {
@@ -517,21 +508,22 @@ async fn main() -> anyhow::Result<()> {
     let etcd_patches = patch_run(&args, "etcd", stores).await?;
     drop(etcds);
 
-    let store_dir =
-        std::env::temp_dir().join(format!("weir-api-bench-{}-store", std::process::id()));
+    let store_dir = tempfile::Builder::new()
+        .prefix("weir-api-bench-store-")
+        .tempdir()?;
     let on_embedded = async {
-        let embedded = EmbeddedStore::open(store_dir.join("store.redb"))?;
+        let embedded = EmbeddedStore::open(store_dir.path().join("store.redb"))?;
         let figures = run(&args, Arc::new(embedded), None, "embedded").await?;
         let mut stores: Vec<Arc<dyn Store>> = Vec::new();
         for n in &args.patch_sizes {
-            let path = store_dir.join(format!("patch-{n}.redb"));
+            let path = store_dir.path().join(format!("patch-{n}.redb"));
             stores.push(Arc::new(EmbeddedStore::open(path)?));
         }
         let patches = patch_run(&args, "embedded", stores).await?;
         anyhow::Ok((figures, patches))
     }
     .await;
-    let _ = std::fs::remove_dir_all(&store_dir);
+    drop(store_dir);
     let (on_embedded, embedded_patches) = on_embedded?;
     let mut patch_table = String::from(
         "| Services + EndpointSlices stored | etcd PATCH p50 / p99 | embedded PATCH p50 / p99 |\n\

@@ -14,13 +14,14 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use weir_bench::ChildGuard;
 use weir_dns::CancellationToken;
 
 #[derive(Parser)]
@@ -143,25 +144,6 @@ impl Cluster {
         }
         std::fs::write(path, out)?;
         Ok(())
-    }
-}
-
-/// Kills and reaps a child process when dropped, also on error paths.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A scratch directory, removed when dropped.
-struct TmpDir(PathBuf);
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -352,9 +334,10 @@ fn main() -> Result<()> {
     if let Some(port) = cli.serve {
         return serve(port, &cluster);
     }
-    let dir = TmpDir(std::env::temp_dir().join(format!("weir-dns-bench-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
-    let queries = dir.0.join("queries.txt");
+    let dir = tempfile::Builder::new()
+        .prefix("weir-dns-bench-")
+        .tempdir()?;
+    let queries = dir.path().join("queries.txt");
     cluster.queries(&queries, 100_000)?;
     let probe = "svc-0.ns-0.svc.cluster.local";
 
@@ -364,7 +347,7 @@ fn main() -> Result<()> {
     let weir_load = loaded.elapsed();
     let weir_rss = rss_kib(weir.0.id())?;
     let loaded = Instant::now();
-    let (knot, knot_port) = start_knot(&dir.0, &cluster)?;
+    let (knot, knot_port) = start_knot(dir.path(), &cluster)?;
     wait_ready(knot_port, probe, Duration::from_secs(60))?;
     let knot_load = loaded.elapsed();
     let knot_rss = rss_kib(knot.0.id())?;
@@ -392,7 +375,7 @@ fn main() -> Result<()> {
     drop(knot);
     drop(weir);
     let fresh = match weir_bin(cli.weir_bin.clone()) {
-        Some(bin) => Some((freshness(&bin, &dir.0, cli.changes)?, bin)),
+        Some(bin) => Some((freshness(&bin, dir.path(), cli.changes)?, bin)),
         None => None,
     };
 

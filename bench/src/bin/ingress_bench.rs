@@ -11,8 +11,8 @@
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::Secret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use weir_bench::ChildGuard;
 use weir_echo::EchoConfig;
 use weir_ingress::fixtures::{annotate, backend, ingress, service, slice, tls_secret, with_tls};
 use weir_ingress::metrics::Metrics;
@@ -53,37 +54,6 @@ struct Cli {
 struct IngressCli {
     #[command(flatten)]
     args: weir_ingress::Args,
-}
-
-/// Stops and reaps a child process when dropped, also on error paths. SIGTERM first, so
-/// that nginx's master takes its workers down with it; SIGKILL if it lingers.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.0.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A scratch directory for proxy configs and certificates, removed when dropped.
-struct TmpDir(PathBuf);
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn free_addr() -> Result<SocketAddr> {
@@ -181,9 +151,9 @@ struct Proxy {
 }
 
 async fn bench(cli: Cli) -> Result<()> {
-    let dir =
-        TmpDir(std::env::temp_dir().join(format!("weir-ingress-bench-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
+    let dir = tempfile::Builder::new()
+        .prefix("weir-ingress-bench-")
+        .tempdir()?;
     let (echo0, echo1, ws) = (free_addr()?, free_addr()?, free_addr()?);
     let exe = std::env::current_exe()?;
     let backend_proc = ChildGuard(
@@ -211,10 +181,10 @@ async fn bench(cli: Cli) -> Result<()> {
             .map(|b| b.0.clone())
             .unwrap_or_default()
     };
-    std::fs::write(dir.0.join("tls.crt"), pem("tls.crt"))?;
-    std::fs::write(dir.0.join("tls.key"), pem("tls.key"))?;
+    std::fs::write(dir.path().join("tls.crt"), pem("tls.crt"))?;
+    std::fs::write(dir.path().join("tls.key"), pem("tls.key"))?;
     std::fs::write(
-        dir.0.join("combined.pem"),
+        dir.path().join("combined.pem"),
         [pem("tls.crt"), pem("tls.key")].concat(),
     )?;
 
@@ -241,9 +211,9 @@ async fn bench(cli: Cli) -> Result<()> {
     let shutdown = CancellationToken::new();
     let weir_task = tokio::spawn(server.serve(shutdown.clone()));
 
-    let (nginx, _nginx) = peer("nginx", true, |p| start_nginx(&dir.0, p, echo0))?;
-    let (haproxy, _haproxy) = peer("haproxy", false, |p| start_haproxy(&dir.0, p, echo0))?;
-    let (relay, _relay) = peer(RELAY, false, |p| start_relay(&dir.0, p, echo0))?;
+    let (nginx, _nginx) = peer("nginx", true, |p| start_nginx(dir.path(), p, echo0))?;
+    let (haproxy, _haproxy) = peer("haproxy", false, |p| start_haproxy(dir.path(), p, echo0))?;
+    let (relay, _relay) = peer(RELAY, false, |p| start_relay(dir.path(), p, echo0))?;
     let weir = Proxy {
         pid: std::process::id(),
         children: false,
