@@ -43,7 +43,7 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
         proto,
         scope: SCOPE_EXTERNAL,
     };
-    let Some(svc) = SERVICES.get_ptr(&key) else {
+    let Some(svc) = SERVICES.get_ptr(key) else {
         return ALLOW;
     };
     let mut svc = unsafe { *svc };
@@ -51,7 +51,7 @@ pub fn forward(ctx: &SockAddrContext, hook: Hook) -> i32 {
     // the cluster-wide endpoints. Should that entry be missing, the node's own still serve.
     if svc.flags & FLAG_TWO_SCOPES != 0 {
         key.scope = SCOPE_INTERNAL;
-        if let Some(internal) = SERVICES.get_ptr(&key) {
+        if let Some(internal) = SERVICES.get_ptr(key) {
             svc = unsafe { *internal };
         }
     }
@@ -96,7 +96,7 @@ pub fn reverse(ctx: &SockAddrContext) {
         port: sa.user_port as u16,
         _pad: 0,
     };
-    if let Some(rev) = REVNAT.get_ptr(&RevNatKey { cookie, backend }) {
+    if let Some(rev) = REVNAT.get_ptr(RevNatKey { cookie, backend }) {
         let rev = unsafe { *rev };
         sa.user_ip4 = rev.addr;
         sa.user_port = rev.port as u32;
@@ -120,17 +120,15 @@ pub fn select(svc: &ServiceValue, client: u64, flow: u64) -> Option<(Backend, u3
         service_id: svc.id,
         _pad: 0,
     };
-    if affinity {
-        if let Some(a) = AFFINITY.get_ptr_mut(&akey) {
-            let a = unsafe { &mut *a };
-            let fresh = now.wrapping_sub(a.last_used_ns)
-                <= svc.affinity_timeout_secs as u64 * 1_000_000_000;
-            if fresh && a.slot < count {
-                // A slot reused for another backend means ours went away: choose again.
-                if backend_in_slot(svc.id, a.slot) == Some(a.backend) {
-                    a.last_used_ns = now;
-                    return Some((a.backend, a.slot));
-                }
+    if affinity && let Some(a) = AFFINITY.get_ptr_mut(akey) {
+        let a = unsafe { &mut *a };
+        let fresh =
+            now.wrapping_sub(a.last_used_ns) <= svc.affinity_timeout_secs as u64 * 1_000_000_000;
+        if fresh && a.slot < count {
+            // A slot reused for another backend means ours went away: choose again.
+            if backend_in_slot(svc.id, a.slot) == Some(a.backend) {
+                a.last_used_ns = now;
+                return Some((a.backend, a.slot));
             }
         }
     }
@@ -179,14 +177,14 @@ pub fn select(svc: &ServiceValue, client: u64, flow: u64) -> Option<(Backend, u3
             _pad: 0,
             last_used_ns: now,
         };
-        let _ = AFFINITY.insert(&akey, &v, 0);
+        let _ = AFFINITY.insert(akey, v, 0);
     }
     Some((b, slot))
 }
 
 #[inline(always)]
 pub fn backend_in_slot(service_id: u32, slot: u32) -> Option<Backend> {
-    let b = BACKENDS.get_ptr(&BackendKey { service_id, slot })?;
+    let b = BACKENDS.get_ptr(BackendKey { service_id, slot })?;
     Some(unsafe { *b })
 }
 

@@ -126,7 +126,7 @@ fn csum_offset(l4: usize, proto: u8) -> usize {
 #[inline(always)]
 pub fn ingress(ctx: &TcContext) -> i32 {
     let Some(f) = parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     // Always the external scope: this packet comes from outside the node, so an
     // `externalTrafficPolicy: Local` frontend serves it from the node's own endpoints.
@@ -136,13 +136,13 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         proto: f.proto,
         scope: SCOPE_EXTERNAL,
     };
-    let Some(svc) = SERVICES.get_ptr(&key) else {
+    let Some(svc) = SERVICES.get_ptr(key) else {
         return unsnat(ctx, &f);
     };
     let svc = unsafe { *svc };
     let fwd = f.key(CT_FORWARD);
     // A known flow keeps its backend while that backend still holds its slot.
-    let known = CT.get_ptr(&fwd).map(|v| unsafe { *v }).filter(|v| {
+    let known = CT.get_ptr(fwd).map(|v| unsafe { *v }).filter(|v| {
         v.slot < svc.count as u32
             && backend_in_slot(svc.id, v.slot)
                 == Some(Backend {
@@ -163,7 +163,7 @@ pub fn ingress(ctx: &TcContext) -> i32 {
                 if let Some(c) = counters {
                     unsafe { (*c).refused += 1 };
                 }
-                return reject(ctx, &f).unwrap_or(TC_ACT_SHOT as i32);
+                return reject(ctx, &f).unwrap_or(TC_ACT_SHOT);
             };
             if let Some(c) = counters {
                 unsafe { (*c).connections += 1 };
@@ -191,8 +191,8 @@ pub fn ingress(ctx: &TcContext) -> i32 {
             };
             // Reply entry first: a forwarded packet whose reply could not be translated back
             // would be a broken flow. LRU inserts fail only on allocation failure.
-            if CT.insert(&reply, &front, 0).is_err() || CT.insert(&fwd, &back, 0).is_err() {
-                return TC_ACT_SHOT as i32;
+            if CT.insert(reply, front, 0).is_err() || CT.insert(fwd, back, 0).is_err() {
+                return TC_ACT_SHOT;
             }
             (b.addr, b.port)
         }
@@ -205,8 +205,8 @@ pub fn ingress(ctx: &TcContext) -> i32 {
         (f.daddr, f.dport),
         (addr, port),
     ) {
-        Ok(()) => TC_ACT_OK as i32,
-        Err(_) => TC_ACT_SHOT as i32,
+        Ok(()) => TC_ACT_OK,
+        Err(_) => TC_ACT_SHOT,
     }
 }
 
@@ -215,12 +215,12 @@ pub fn ingress(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn egress(ctx: &TcContext) -> i32 {
     let Some(f) = parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
-    let Some(v) = CT.get_ptr(&f.key(CT_REPLY)) else {
+    let Some(v) = CT.get_ptr(f.key(CT_REPLY)) else {
         return match snat(ctx, &f) {
             Ok(v) => v,
-            Err(_) => TC_ACT_SHOT as i32,
+            Err(_) => TC_ACT_SHOT,
         };
     };
     let v = unsafe { *v };
@@ -232,8 +232,8 @@ pub fn egress(ctx: &TcContext) -> i32 {
         (f.saddr, f.sport),
         (v.addr, v.port),
     ) {
-        Ok(()) => TC_ACT_OK as i32,
-        Err(_) => TC_ACT_SHOT as i32,
+        Ok(()) => TC_ACT_OK,
+        Err(_) => TC_ACT_SHOT,
     }
 }
 
@@ -246,7 +246,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn snat(ctx: &TcContext, f: &Flow) -> Result<i32, c_long> {
     let key = f.key(CT_SNAT);
-    let nat = match CT.get_ptr(&key) {
+    let nat = match CT.get_ptr(key) {
         Some(v) => unsafe { *v },
         None => {
             // Only flows `ingress` translated: they have a reply entry for this tuple reversed.
@@ -259,13 +259,13 @@ fn snat(ctx: &TcContext, f: &Flow) -> Result<i32, c_long> {
                 dir: CT_REPLY,
                 _pad: 0,
             };
-            if CT.get_ptr(&reply).is_none() {
-                return Ok(TC_ACT_OK as i32);
+            if CT.get_ptr(reply).is_none() {
+                return Ok(TC_ACT_OK);
             }
             let ifindex = unsafe { (*ctx.skb.skb).ifindex };
             // A device without an IPv4 address: nothing to masquerade as.
-            let Some(addr) = (unsafe { SNAT_ADDRS.get(&ifindex) }) else {
-                return Ok(TC_ACT_OK as i32);
+            let Some(addr) = (unsafe { SNAT_ADDRS.get(ifindex) }) else {
+                return Ok(TC_ACT_OK);
             };
             let nat = CtValue {
                 addr: *addr,
@@ -273,7 +273,7 @@ fn snat(ctx: &TcContext, f: &Flow) -> Result<i32, c_long> {
                 flags: 0,
                 slot: 0,
             };
-            CT.insert(&key, &nat, 0)?;
+            CT.insert(key, nat, 0)?;
             nat
         }
     };
@@ -285,7 +285,7 @@ fn snat(ctx: &TcContext, f: &Flow) -> Result<i32, c_long> {
         (f.saddr, f.sport),
         (nat.addr, nat.port),
     )?;
-    Ok(TC_ACT_OK as i32)
+    Ok(TC_ACT_OK)
 }
 
 /// Picks a free source port for `f` leaving as `addr` and records the way back (`CT_UNSNAT`).
@@ -320,13 +320,13 @@ fn allocate_port(f: &Flow, addr: u32) -> Result<u16, c_long> {
             proto: f.proto,
             scope: SCOPE_EXTERNAL,
         };
-        if SERVICES.get_ptr(&frontend).is_some() {
+        if SERVICES.get_ptr(frontend).is_some() {
             continue;
         }
-        if CT.insert(&back, &client, BPF_NOEXIST as u64).is_ok() {
+        if CT.insert(back, client, BPF_NOEXIST as u64).is_ok() {
             return Ok(back.dport);
         }
-        let Some(old) = CT.get_ptr(&back) else {
+        let Some(old) = CT.get_ptr(back) else {
             continue;
         };
         let old = unsafe { *old };
@@ -344,8 +344,8 @@ fn allocate_port(f: &Flow, addr: u32) -> Result<u16, c_long> {
             dir: CT_SNAT,
             _pad: 0,
         };
-        let _ = CT.remove(&stale);
-        CT.insert(&back, &client, BPF_ANY as u64)?;
+        let _ = CT.remove(stale);
+        CT.insert(back, client, BPF_ANY as u64)?;
         return Ok(back.dport);
     }
     Err(0)
@@ -374,8 +374,8 @@ fn now_secs() -> u32 {
 /// last seen and whether it is closing, for `allocate_port`. Other packets pass untouched.
 #[inline(always)]
 fn unsnat(ctx: &TcContext, f: &Flow) -> i32 {
-    let Some(v) = CT.get_ptr_mut(&f.key(CT_UNSNAT)) else {
-        return TC_ACT_OK as i32;
+    let Some(v) = CT.get_ptr_mut(f.key(CT_UNSNAT)) else {
+        return TC_ACT_OK;
     };
     let v = unsafe { &mut *v };
     let mut flags = v.flags | CT_FLAG_REPLIED;
@@ -393,8 +393,8 @@ fn unsnat(ctx: &TcContext, f: &Flow) -> i32 {
     }
     let (addr, port) = (v.addr, v.port);
     match rewrite(ctx, f, IP_DADDR, f.l4 + 2, (f.daddr, f.dport), (addr, port)) {
-        Ok(()) => TC_ACT_OK as i32,
-        Err(_) => TC_ACT_SHOT as i32,
+        Ok(()) => TC_ACT_OK,
+        Err(_) => TC_ACT_SHOT,
     }
 }
 
