@@ -161,8 +161,8 @@ pub fn lb(cmd: LbCmd) -> anyhow::Result<()> {
 
 fn print_lb_rows(rows: &[weir_lb::ListRow]) {
     println!(
-        "{:<22} {:<5} {:<12} {:>11} {:>9} {:>8}  BACKENDS",
-        "FRONTEND", "PROTO", "ALGORITHM", "CONNECTIONS", "PACKETS", "REFUSED"
+        "{:<22} {:<5} {:<8} {:<12} {:>11} {:>9} {:>8}  BACKENDS",
+        "FRONTEND", "PROTO", "SCOPE", "ALGORITHM", "CONNECTIONS", "PACKETS", "REFUSED"
     );
     for r in rows {
         let backends: Vec<String> = r.backends.iter().map(|b| b.to_string()).collect();
@@ -171,9 +171,10 @@ fn print_lb_rows(rows: &[weir_lb::ListRow]) {
             None => format!("{:?}", r.algorithm),
         };
         println!(
-            "{:<22} {:<5} {:<12} {:>11} {:>9} {:>8}  {}",
+            "{:<22} {:<5} {:<8} {:<12} {:>11} {:>9} {:>8}  {}",
             r.frontend.to_string(),
             r.proto,
+            r.scope.as_str(),
             algorithm,
             r.counters.connections,
             r.counters.packets,
