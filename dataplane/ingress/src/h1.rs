@@ -41,13 +41,13 @@ use crate::table::Target;
 /// Request headers the fast path parses; a request with more goes to hyper.
 const MAX_REQUEST_HEADERS: usize = 64;
 /// Response headers accepted from an upstream (hyper's default limit).
-const MAX_RESPONSE_HEADERS: usize = 100;
+pub(crate) const MAX_RESPONSE_HEADERS: usize = 100;
 /// Largest upstream response head.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Largest request body the fast path forwards itself (it must have arrived with the head).
 const MAX_FAST_BODY: usize = 16 * 1024;
 /// Bytes read from an upstream socket at a time.
-const READ_SIZE: usize = 16 * 1024;
+pub(crate) const READ_SIZE: usize = 16 * 1024;
 /// Bytes read from a client at a time: request heads are small, and this buffer lives as
 /// long as the keep-alive connection.
 const CLIENT_READ_SIZE: usize = 4 * 1024;
@@ -429,7 +429,7 @@ fn content_length(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.parse().ok()
 }
 
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -533,7 +533,7 @@ async fn forward<I: AsyncWrite + Unpin>(
 
 /// Why one exchange with an endpoint failed.
 #[derive(Debug, thiserror::Error)]
-enum ExchangeError {
+pub(crate) enum ExchangeError {
     #[error(transparent)]
     Connect(#[from] UpstreamError),
     #[error("{0}")]
@@ -545,23 +545,23 @@ enum ExchangeError {
 }
 
 impl ExchangeError {
-    fn is_connect(&self) -> bool {
+    pub(crate) fn is_connect(&self) -> bool {
         matches!(self, ExchangeError::Connect(_))
     }
 }
 
 /// The parts of an upstream response head the proxy acts on.
-struct RespHead {
+pub(crate) struct RespHead {
     /// Bytes of the upstream buffer the head takes.
-    len: usize,
-    status: u16,
-    body: Framing,
+    pub(crate) len: usize,
+    pub(crate) status: u16,
+    pub(crate) body: Framing,
     /// The endpoint will not take another request on this connection.
-    close: bool,
+    pub(crate) close: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Framing {
+pub(crate) enum Framing {
     Empty,
     Length(u64),
     Chunked,
@@ -572,13 +572,13 @@ enum Framing {
 /// Send `send` to `addr` and read the response head. A pooled connection that the endpoint
 /// closed before answering is replaced by a new one for idempotent requests, as Go's and
 /// nginx's clients do: the endpoint never processed the request.
-async fn exchange(
+pub(crate) async fn exchange(
     proxy: &Proxy,
     addr: std::net::SocketAddr,
     send: &[u8],
     idempotent: bool,
     head_request: bool,
-    head: &mut Vec<u8>,
+    head: &mut impl ResponseHead,
 ) -> Result<(Pooled<Upstream>, RespHead), ExchangeError> {
     loop {
         let (mut up, reused) = match proxy.raw.checkout(addr) {
@@ -605,10 +605,10 @@ async fn exchange(
 
 /// Read a response head (skipping 1xx interim responses) into the connection's buffer, and
 /// the client's version of it into `out`.
-async fn read_head(
+pub(crate) async fn read_head(
     u: &mut Upstream,
     head_request: bool,
-    out: &mut Vec<u8>,
+    out: &mut impl ResponseHead,
 ) -> Result<RespHead, ExchangeError> {
     loop {
         if !u.buf.is_empty() {
@@ -634,13 +634,67 @@ async fn read_head(
     }
 }
 
+/// Where [`parse_response`] writes the client's version of an upstream response head: as
+/// HTTP/1.1 bytes for the fast path's clients, or as an [`http::Response`] for hyper's.
+pub(crate) trait ResponseHead {
+    /// The status line; a later call (after a 1xx) starts the head over.
+    fn status(&mut self, status: u16, reason: &str) -> Result<(), ExchangeError>;
+    /// An end-to-end header, or `Transfer-Encoding`, which frames the bytes as received.
+    fn header(&mut self, name: &[u8], value: &[u8]) -> Result<(), ExchangeError>;
+    /// The upstream sent no `Date`.
+    fn undated(&mut self);
+}
+
+impl ResponseHead for Vec<u8> {
+    fn status(&mut self, status: u16, reason: &str) -> Result<(), ExchangeError> {
+        self.clear();
+        // Writing into a Vec cannot fail.
+        let _ = write!(self, "HTTP/1.1 {status} {reason}\r\n");
+        Ok(())
+    }
+
+    fn header(&mut self, name: &[u8], value: &[u8]) -> Result<(), ExchangeError> {
+        put_header(self, name, value);
+        Ok(())
+    }
+
+    fn undated(&mut self) {
+        put_header(self, b"date", http_date().as_bytes());
+    }
+}
+
+/// An h2 response: its frames carry the body, so `Transfer-Encoding` goes; hyper's h2
+/// server dates undated responses itself.
+impl ResponseHead for http::Response<()> {
+    fn status(&mut self, status: u16, _reason: &str) -> Result<(), ExchangeError> {
+        *self.status_mut() = http::StatusCode::from_u16(status)
+            .map_err(|_| ExchangeError::Invalid("malformed status line"))?;
+        self.headers_mut().clear();
+        Ok(())
+    }
+
+    fn header(&mut self, name: &[u8], value: &[u8]) -> Result<(), ExchangeError> {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            return Ok(());
+        }
+        let name = http::HeaderName::from_bytes(name)
+            .map_err(|_| ExchangeError::Invalid("malformed header name"))?;
+        let value = http::HeaderValue::from_bytes(value)
+            .map_err(|_| ExchangeError::Invalid("malformed header value"))?;
+        self.headers_mut().append(name, value);
+        Ok(())
+    }
+
+    fn undated(&mut self) {}
+}
+
 /// Parse the response head at the start of `buf` (`Ok(None)` if incomplete) and write the
 /// client's version of it into `out`: the upstream's without its hop-by-hop headers, dated
-/// if it was not. [`end_head`] completes it.
+/// if it was not. [`end_head`] completes an HTTP/1.1 one.
 fn parse_response(
     buf: &[u8],
     head_request: bool,
-    out: &mut Vec<u8>,
+    out: &mut impl ResponseHead,
 ) -> Result<Option<RespHead>, ExchangeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
@@ -710,11 +764,7 @@ fn parse_response(
     if body == Framing::Close {
         close = true;
     }
-    out.clear();
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "HTTP/1.1 {status} ");
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    out.status(status, resp.reason.unwrap_or(""))?;
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         let framing = name.eq_ignore_ascii_case(b"transfer-encoding");
@@ -724,10 +774,10 @@ fn parse_response(
         if (is_hop_by_hop(name) && !framing) || overridden || named.contains(name) {
             continue;
         }
-        put_header(out, name, h.value);
+        out.header(name, h.value)?;
     }
     if !dated {
-        put_header(out, b"date", http_date().as_bytes());
+        out.undated();
     }
     Ok(Some(RespHead {
         len,
@@ -833,14 +883,14 @@ async fn respond<I: AsyncWrite + Unpin>(
 }
 
 /// A response body's progress.
-struct Body {
-    framing: Framing,
+pub(crate) struct Body {
+    pub(crate) framing: Framing,
     left: u64,
-    chunks: Chunked,
+    pub(crate) chunks: Chunked,
 }
 
 impl Body {
-    fn new(framing: Framing) -> Self {
+    pub(crate) fn new(framing: Framing) -> Self {
         Body {
             framing,
             left: match framing {
@@ -852,7 +902,7 @@ impl Body {
     }
 
     /// How many bytes of `data` belong to the body.
-    fn take(&mut self, data: &[u8]) -> Result<usize, &'static str> {
+    pub(crate) fn take(&mut self, data: &[u8]) -> Result<usize, &'static str> {
         match self.framing {
             Framing::Empty => Ok(0),
             Framing::Close => Ok(data.len()),
@@ -867,7 +917,12 @@ impl Body {
         }
     }
 
-    fn done(&self) -> bool {
+    /// Body bytes still to come of a `Content-Length` body.
+    pub(crate) fn left(&self) -> u64 {
+        self.left
+    }
+
+    pub(crate) fn done(&self) -> bool {
         match self.framing {
             Framing::Empty => true,
             Framing::Close => false,
@@ -895,7 +950,7 @@ enum ChunkState {
 }
 
 #[derive(Debug, Default)]
-struct Chunked {
+pub(crate) struct Chunked {
     state: ChunkState,
     size: u64,
     digits: u8,
@@ -904,55 +959,93 @@ struct Chunked {
 impl Chunked {
     /// Follow `data`; `Some(n)` when the body ends after its first `n` bytes.
     fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, &'static str> {
-        use ChunkState::*;
         let mut i = 0;
         while i < data.len() {
-            if self.state == Data {
-                let n = (data.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                i += n;
-                self.size -= n as u64;
-                if self.size == 0 {
-                    self.state = DataCr;
-                }
+            if self.state == ChunkState::Data {
+                i += self.data(data.len() - i);
                 continue;
             }
-            let b = data[i];
+            self.step(data[i])?;
             i += 1;
-            self.state = match (self.state, b) {
-                (Size, b) if b.is_ascii_hexdigit() => {
-                    if self.digits == 15 {
-                        return Err("chunk size too large");
-                    }
-                    self.digits += 1;
-                    // A hex digit always converts.
-                    self.size = self.size * 16 + u64::from((b as char).to_digit(16).unwrap_or(0));
-                    Size
-                }
-                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Ext,
-                (Size, b'\r') if self.digits > 0 => SizeLf,
-                (Ext, b'\r') => SizeLf,
-                (Ext, b'\n') => return Err("bare LF in chunk extension"),
-                (Ext, _) => Ext,
-                (SizeLf, b'\n') if self.size == 0 => TrailerStart,
-                (SizeLf, b'\n') => Data,
-                (DataCr, b'\r') => DataLf,
-                (DataLf, b'\n') => {
-                    self.digits = 0;
-                    Size
-                }
-                (TrailerStart, b'\r') => FinalLf,
-                (TrailerStart | Trailer, b'\n') => return Err("bare LF in trailer"),
-                (Trailer, b'\r') => TrailerLf,
-                (TrailerStart | Trailer, _) => Trailer,
-                (TrailerLf, b'\n') => TrailerStart,
-                (FinalLf, b'\n') => {
-                    self.state = Done;
-                    return Ok(Some(i));
-                }
-                _ => return Err("malformed chunked framing"),
-            };
+            if self.state == ChunkState::Done {
+                return Ok(Some(i));
+            }
         }
         Ok(None)
+    }
+
+    /// For a decoder: how many framing bytes start `data`, and how many bytes of chunk data
+    /// follow them. It stops at the trailer section, which the caller parses whole
+    /// ([`Chunked::trailers_read`]).
+    pub(crate) fn payload(&mut self, data: &[u8]) -> Result<(usize, usize), &'static str> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < data.len() && !matches!(self.state, Data | TrailerStart | Done) {
+            self.step(data[i])?;
+            i += 1;
+        }
+        let n = if self.state == Data {
+            self.data(data.len() - i)
+        } else {
+            0
+        };
+        Ok((i, n))
+    }
+
+    /// Whether the last chunk has been read and the trailer section is next.
+    pub(crate) fn at_trailers(&self) -> bool {
+        self.state == ChunkState::TrailerStart
+    }
+
+    /// The trailer section (and with it the body) has been read.
+    pub(crate) fn trailers_read(&mut self) {
+        self.state = ChunkState::Done;
+    }
+
+    /// Take up to `avail` bytes of the current chunk's data; how many it took.
+    fn data(&mut self, avail: usize) -> usize {
+        let n = avail.min(usize::try_from(self.size).unwrap_or(usize::MAX));
+        self.size -= n as u64;
+        if self.size == 0 {
+            self.state = ChunkState::DataCr;
+        }
+        n
+    }
+
+    /// Follow one framing byte (anything but chunk data).
+    fn step(&mut self, b: u8) -> Result<(), &'static str> {
+        use ChunkState::*;
+        self.state = match (self.state, b) {
+            (Size, b) if b.is_ascii_hexdigit() => {
+                if self.digits == 15 {
+                    return Err("chunk size too large");
+                }
+                self.digits += 1;
+                // A hex digit always converts.
+                self.size = self.size * 16 + u64::from((b as char).to_digit(16).unwrap_or(0));
+                Size
+            }
+            (Size, b';' | b' ' | b'\t') if self.digits > 0 => Ext,
+            (Size, b'\r') if self.digits > 0 => SizeLf,
+            (Ext, b'\r') => SizeLf,
+            (Ext, b'\n') => return Err("bare LF in chunk extension"),
+            (Ext, _) => Ext,
+            (SizeLf, b'\n') if self.size == 0 => TrailerStart,
+            (SizeLf, b'\n') => Data,
+            (DataCr, b'\r') => DataLf,
+            (DataLf, b'\n') => {
+                self.digits = 0;
+                Size
+            }
+            (TrailerStart, b'\r') => FinalLf,
+            (TrailerStart | Trailer, b'\n') => return Err("bare LF in trailer"),
+            (Trailer, b'\r') => TrailerLf,
+            (TrailerStart | Trailer, _) => Trailer,
+            (TrailerLf, b'\n') => TrailerStart,
+            (FinalLf, b'\n') => Done,
+            _ => return Err("malformed chunked framing"),
+        };
+        Ok(())
     }
 }
 

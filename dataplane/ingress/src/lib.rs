@@ -18,6 +18,7 @@ pub mod h1;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod raw;
 pub mod server;
 pub mod table;
 pub mod tls;

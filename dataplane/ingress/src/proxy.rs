@@ -27,6 +27,7 @@ use crate::balance::{Backend, EjectPolicy, Endpoint, InFlight, now_ms};
 use crate::error::{ErrorKind, ProxyError};
 use crate::metrics::{Metrics, SeriesCache};
 use crate::pool::{Conn, Pool, PoolConfig, Upstream};
+use crate::raw::RawBody;
 use crate::table::{Table, Target};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -155,10 +156,11 @@ impl Body for ReqBody {
     }
 }
 
-/// The body sent downstream: the upstream's, streamed; or a short message from the proxy
-/// itself.
+/// The body sent downstream: the upstream's, streamed (through hyper's client or straight
+/// from a plain upstream socket); or a short message from the proxy itself.
 pub enum RespBody {
     Upstream(UpstreamBody),
+    Raw(RawBody),
     Local(Option<Bytes>),
 }
 
@@ -183,14 +185,15 @@ impl Drop for UpstreamBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            RespBody::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx),
+            RespBody::Upstream(u) => Pin::new(&mut u.body).poll_frame(cx).map_err(Into::into),
+            RespBody::Raw(r) => Pin::new(r).poll_frame(cx).map_err(Into::into),
             RespBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
@@ -198,6 +201,7 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RespBody::Upstream(u) => u.body.is_end_stream(),
+            RespBody::Raw(r) => r.is_end_stream(),
             RespBody::Local(b) => b.is_none(),
         }
     }
@@ -205,6 +209,7 @@ impl Body for RespBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             RespBody::Upstream(u) => u.body.size_hint(),
+            RespBody::Raw(r) => r.size_hint(),
             RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }
@@ -596,6 +601,15 @@ impl Proxy {
             Version::HTTP_11
         };
         let empty = body.is_end_stream();
+        // A bodiless h2 request to an HTTP/1.1 backend goes over a plain upstream socket,
+        // its head serialized once for every attempt.
+        let raw_head =
+            (empty && !backend.h2 && parts.version == Version::HTTP_2 && method != Method::CONNECT)
+                .then(|| {
+                    let mut send = Vec::with_capacity(1024);
+                    crate::raw::request_head(&method, &path, &headers, &mut send);
+                    send
+                });
         let mut body = Some(if empty {
             ReqBody::Empty
         } else {
@@ -607,6 +621,30 @@ impl Proxy {
         loop {
             let attempt = attempts.next(out)?;
             let (endpoint, may_retry) = (attempt.endpoint, attempt.may_retry);
+            if let Some(send) = &raw_head {
+                let mut head = Response::new(());
+                let exchanged = crate::h1::exchange(
+                    self,
+                    endpoint.addr,
+                    send,
+                    is_idempotent(&method),
+                    method == Method::HEAD,
+                    &mut head,
+                );
+                let inflight = InFlight::new(endpoint.clone());
+                match tokio::time::timeout(timeout, exchanged).await {
+                    Ok(Ok((up, resp))) => {
+                        endpoint.succeeded();
+                        let resp = RawBody::response(up, resp, head, inflight);
+                        return Ok(resp.map(RespBody::Raw));
+                    }
+                    Ok(Err(e)) => {
+                        attempts.failed(attempt, e.is_connect(), Box::new(e), &self.cfg.eject)?;
+                        continue;
+                    }
+                    Err(_) => return Err(timed_out(endpoint, timeout)),
+                }
+            }
             // HTTP/1.1 connections take the origin form as is; hyper-util's client wants
             // the endpoint in the URI to find its connection.
             let uri = if backend.h2 {

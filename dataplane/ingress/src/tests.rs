@@ -1524,3 +1524,201 @@ async fn an_idle_keepalive_connection_outlives_the_header_timeout_until_the_keep
         started.elapsed()
     );
 }
+
+fn h2c_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// An h2 request's status, body (or the error that cut it off) and trailers.
+async fn h2_exchange(
+    c: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> (StatusCode, Result<String, String>, Option<http::HeaderMap>) {
+    let resp = c.request(req).await.expect("h2 response");
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let status = resp.status();
+    match resp.into_body().collect().await {
+        Ok(b) => {
+            let trailers = b.trailers().cloned();
+            let body = String::from_utf8_lossy(&b.to_bytes()).into_owned();
+            (status, Ok(body), trailers)
+        }
+        Err(e) => (status, Err(e.to_string()), None),
+    }
+}
+
+fn h2_get(url: String) -> Request<Full<Bytes>> {
+    Request::get(url).body(Full::default()).expect("request")
+}
+
+#[tokio::test]
+async fn h2_requests_decode_every_upstream_framing_over_one_pooled_connection() {
+    let (up, accepted) = scripted(|method, path| match (method, path) {
+        (_, "/chunked") => (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\nkeep-alive: timeout=5\r\n\r\n5\r\nhello\r\n7;x=y\r\n, wo|rld\r\n0\r\nx-checksum: 1|2\r\n\r\n",
+            false,
+        ),
+        (_, "/both") => (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            false,
+        ),
+        (_, "/interim") => (
+            "HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n|HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\ninte|rim",
+            false,
+        ),
+        (_, "/nocontent") => ("HTTP/1.1 204 No Content\r\n\r\n", false),
+        ("HEAD", _) => ("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n", false),
+        (_, "/close") => ("HTTP/1.1 200 OK\r\n\r\nuntil |the end", true),
+        _ => (
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: x-private\r\nx-private: 1\r\nx-app: 2\r\n\r\nok",
+            false,
+        ),
+    })
+    .await;
+    let h = Harness::serving(&[], &[up]).await;
+    let c = h2c_client();
+    for _ in 0..2 {
+        let (status, body, trailers) = h2_exchange(&c, h2_get(h.url("/chunked"))).await;
+        assert_eq!((status, body), (StatusCode::OK, Ok("hello, world".into())));
+        let trailers = trailers.expect("the chunked body's trailers");
+        assert_eq!(trailers["x-checksum"], "12");
+        let (status, body, _) = h2_exchange(&c, h2_get(h.url("/interim"))).await;
+        assert_eq!((status, body), (StatusCode::OK, Ok("interim".into())));
+        let (status, body, _) = h2_exchange(&c, h2_get(h.url("/nocontent"))).await;
+        assert_eq!((status, body), (StatusCode::NO_CONTENT, Ok(String::new())));
+        let head = Request::head(h.url("/"))
+            .body(Full::default())
+            .expect("request");
+        let resp = c.request(head).await.expect("HEAD");
+        assert_eq!(resp.headers()["content-length"], "10");
+        let resp = c.request(h2_get(h.url("/"))).await.expect("GET");
+        let headers = resp.headers().clone();
+        assert_eq!(headers["x-app"], "2");
+        assert!(headers.contains_key("date"), "{headers:?}");
+        for gone in ["x-private", "connection", "keep-alive", "transfer-encoding"] {
+            assert!(!headers.contains_key(gone), "{gone} in {headers:?}");
+        }
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"ok");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "chunked, interim, 204, HEAD and length responses all left the upstream connection reusable"
+    );
+    // A body delimited by the upstream closing arrives whole; that connection is not reused.
+    let (status, body, _) = h2_exchange(&c, h2_get(h.url("/close"))).await;
+    assert_eq!((status, body), (StatusCode::OK, Ok("until the end".into())));
+    let (_, body, _) = h2_exchange(&c, h2_get(h.url("/"))).await;
+    assert_eq!(body, Ok("ok".into()));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // Both framings: chunked decides, the length goes, and the connection is not reused.
+    let resp = c.request(h2_get(h.url("/both"))).await.expect("GET");
+    assert!(!resp.headers().contains_key("content-length"), "{resp:?}");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"hello");
+    let (_, body, _) = h2_exchange(&c, h2_get(h.url("/"))).await;
+    assert_eq!(body, Ok("ok".into()));
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn an_h2_response_cut_off_mid_body_is_reset_and_the_proxy_keeps_serving() {
+    let (up, _) = scripted(|_, path| match path {
+        "/cut" => ("HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf", true),
+        "/garbled" => (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+            false,
+        ),
+        _ => ("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+    })
+    .await;
+    let h = Harness::serving(&[], &[up]).await;
+    let c = h2c_client();
+    for path in ["/cut", "/garbled"] {
+        // The stream is reset: the client sees the error on the response or on its body,
+        // depending on whether the reset overtook the head, but never a whole body.
+        match c.request(h2_get(h.url(path))).await {
+            Ok(resp) => {
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                assert!(body.is_err(), "{path}: {body:?}");
+            }
+            Err(e) => assert!(format!("{e:?}").contains("Reset"), "{path}: {e:?}"),
+        }
+        let (_, body, _) = h2_exchange(&c, h2_get(h.url("/"))).await;
+        assert_eq!(body, Ok("ok".into()), "after {path}");
+    }
+}
+
+#[tokio::test]
+async fn h2_requests_get_forwarded_headers_retries_502_504_and_bodies_both_ways() {
+    let a = upstream("a").await;
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let mut h = Harness::start(&["--eject-after-failures=1", "--eject-duration=60s"]).await;
+    h.service("web", &[dead, a], None);
+    let mut ing = ingress("ns", "web", vec![("", "/", "Prefix", backend("web", 80))]);
+    annotate(
+        &mut ing.metadata,
+        &[
+            ("ingress.weir.io/load-balance", "round_robin"),
+            ("nginx.ingress.kubernetes.io/proxy-read-timeout", "300ms"),
+        ],
+    );
+    h.ingress(ing);
+    h.apply();
+    let c = h2c_client();
+    // Every GET reaches `a`, the dead endpoint's connect failures retried and ejecting it.
+    for _ in 0..4 {
+        let req = Request::get(h.url("/headers"))
+            .header("x_user", "evil")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("te", "trailers")
+            .body(Full::default())
+            .expect("request");
+        let (status, body, _) = h2_exchange(&c, req).await;
+        let body = body.expect("body");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let host = h.http.to_string();
+        for want in [
+            "pod=a version=HTTP/1.1".to_string(),
+            format!("host: {host}"),
+            "x-forwarded-for: 127.0.0.1".into(),
+            "x-forwarded-proto: http".into(),
+            format!("x-forwarded-host: {host}"),
+            format!("forwarded: for=127.0.0.1;proto=http;host=\"{host}\""),
+        ] {
+            assert!(body.contains(&want), "{want:?} missing in\n{body}");
+        }
+        for gone in ["x_user", "6.6.6.6", "te:"] {
+            assert!(!body.contains(gone), "{gone:?} leaked in\n{body}");
+        }
+    }
+    let t = h.table.load();
+    let eps = &t.route("x", "/").expect("route").backend.endpoints;
+    let dead_ep = eps.iter().find(|e| e.addr == dead).expect("dead endpoint");
+    assert!(dead_ep.is_ejected(crate::balance::now_ms()));
+
+    let started = Instant::now();
+    let (status, body, _) = h2_exchange(&c, h2_get(h.url("/hang"))).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let (status, body, _) = h2_exchange(&c, h2_get(h.url("/reset"))).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
+
+    // Bodies go both ways over h2, and the body limit holds.
+    let req = Request::post(h.url("/echo"))
+        .body(Full::new(Bytes::from_static(b"up and back")))
+        .expect("request");
+    let (status, body, _) = h2_exchange(&c, req).await;
+    assert_eq!((status, body), (StatusCode::OK, Ok("up and back".into())));
+    let req = Request::post(h.url("/echo"))
+        .body(Full::new(Bytes::from(vec![b'x'; 2048])))
+        .expect("request");
+    assert_eq!(h2_exchange(&c, req).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+}
