@@ -44,6 +44,9 @@ pub enum Error {
     Config { field: &'static str, reason: String },
     #[error("watch: {0}")]
     Watch(String),
+    /// The maps were written, but part of the desired state had no room ([`Plan::no_id`]).
+    #[error("maps full: {0}")]
+    Full(String),
 }
 
 impl Error {
@@ -127,16 +130,20 @@ impl Syncer {
         ))
     }
 
+    /// Applies `plan`; if part of the desired state had no room, says so once the rest (the
+    /// deletions that make room included) is written, so the caller retries.
     fn write(&mut self, plan: Plan) -> Result<usize, Error> {
-        if plan.is_empty() {
-            return Ok(0);
+        if !plan.is_empty() {
+            if let Err(e) = self.maps.apply(&plan) {
+                // Part of the plan may have landed: take the maps as the truth again.
+                self.state = self.maps.read_state()?;
+                return Err(e);
+            }
+            self.state.apply(&plan);
         }
-        if let Err(e) = self.maps.apply(&plan) {
-            // Part of the plan may have landed: take the maps as the truth again.
-            self.state = self.maps.read_state()?;
-            return Err(e);
+        if plan.short_of_room() {
+            return Err(Error::Full(short_of_room(&plan)));
         }
-        self.state.apply(&plan);
         Ok(plan.writes())
     }
 
@@ -147,6 +154,35 @@ impl Syncer {
     pub fn state(&self) -> &MapState {
         &self.state
     }
+}
+
+/// What [`Error::Full`] says of `plan`: how many entries missed out, the first of them, and
+/// the limit in the way.
+fn short_of_room(plan: &Plan) -> String {
+    let first = |keys: &[weir_lb_common::ServiceKey]| {
+        keys.first().map_or(String::new(), |k| {
+            let proto = plan::proto_name(k.proto);
+            format!(" (first: {}/{proto})", plan::frontend_addr(k))
+        })
+    };
+    let mut out = Vec::new();
+    if !plan.no_id.is_empty() {
+        out.push(format!(
+            "{} frontend entries not written{}: WEIR_SERVICES has ids for {} entries",
+            plan.no_id.len(),
+            first(&plan.no_id),
+            weir_lb_common::MAX_SERVICES - 1
+        ));
+    }
+    if !plan.no_maglev.is_empty() {
+        out.push(format!(
+            "{} Maglev entries pick at random{}: WEIR_MAGLEV holds {} tables",
+            plan.no_maglev.len(),
+            first(&plan.no_maglev),
+            weir_lb_common::MAX_MAGLEV_SERVICES
+        ));
+    }
+    out.join("; ")
 }
 
 /// `weir lb` / the load balancer part of `weir up`.

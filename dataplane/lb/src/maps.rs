@@ -333,11 +333,7 @@ impl LbMaps {
         let st = self.read_state()?;
         let mut rows = BTreeMap::new();
         for (k, v) in &st.services {
-            let frontend = crate::plan::backend_addr(&Backend {
-                addr: k.addr,
-                port: k.port,
-                _pad: 0,
-            });
+            let frontend = crate::plan::frontend_addr(k);
             let backends = st
                 .backends
                 .get(&v.id)
@@ -352,11 +348,7 @@ impl LbMaps {
             };
             let row = crate::ListRow {
                 frontend,
-                proto: if k.proto == weir_lb_common::PROTO_UDP {
-                    "UDP"
-                } else {
-                    "TCP"
-                },
+                proto: crate::plan::proto_name(k.proto),
                 scope,
                 id: v.id,
                 algorithm: crate::Algorithm::from_map(v.algorithm),

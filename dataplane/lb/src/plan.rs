@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddrV4;
 
 use weir_lb_common::{
-    Backend, BackendKey, FLAG_AFFINITY, FLAG_TWO_SCOPES, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    ServiceKey, ServiceValue, ip_to_map, port_to_map,
+    Backend, BackendKey, FLAG_AFFINITY, FLAG_TWO_SCOPES, MAX_MAGLEV_SERVICES, MAX_SERVICES,
+    SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, ip_to_map, port_to_map,
 };
 
 use crate::maglev;
@@ -34,11 +34,24 @@ pub struct Plan {
     /// Ids of deleted frontends: their per-id state (counters, round-robin position) is zeroed
     /// on the way out, so an id handed out again starts clean without a write at creation.
     pub freed_ids: Vec<u32>,
+    /// Entries left out: no service id was free. Ids index the per-id arrays (`RR`,
+    /// `COUNTERS`: `MAX_SERVICES` entries, id 0 unused), and an entry whose id the plan frees
+    /// is still read until the plan's deletions land, so room made by this plan serves the
+    /// next one. A frontend whose internal entry is left out keeps one entry for everyone.
+    pub no_id: Vec<ServiceKey>,
+    /// Maglev entries that pick at random instead: `MAGLEV` had no room for their table
+    /// (`MAX_MAGLEV_SERVICES`, counting the tables this plan deletes, which go last).
+    pub no_maglev: Vec<ServiceKey>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.writes() == 0
+    }
+
+    /// Whether part of the desired state had no room in the maps (see [`Plan::no_id`]).
+    pub fn short_of_room(&self) -> bool {
+        !self.no_id.is_empty() || !self.no_maglev.is_empty()
     }
 
     /// Number of map entries written or deleted.
@@ -120,6 +133,7 @@ pub fn plan_scoped(
         p: Plan::default(),
         used: None,
         next_id: 1,
+        tables: state.maglev.len(),
         empty: BTreeMap::new(),
     };
     let mut wanted_keys = HashSet::with_capacity(desired.len());
@@ -129,16 +143,21 @@ pub fn plan_scoped(
         } else {
             0
         };
-        if let Some(internal) = &want.internal_backends {
-            // Written before the external entry that points the socket hooks at it.
-            let key = scoped_key(fe, SCOPE_INTERNAL);
-            wanted_keys.insert(key);
-            planner.entry(key, internal, want, flags);
-            flags |= FLAG_TWO_SCOPES;
-        }
         let key = service_key(fe);
         wanted_keys.insert(key);
-        planner.entry(key, &want.backends, want, flags);
+        let Some(id) = planner.id(key) else {
+            continue;
+        };
+        if let Some(internal) = &want.internal_backends {
+            let internal_key = scoped_key(fe, SCOPE_INTERNAL);
+            if let Some(internal_id) = planner.id(internal_key) {
+                wanted_keys.insert(internal_key);
+                // Written before the external entry that points the socket hooks at it.
+                planner.entry(internal_key, internal_id, internal, want, flags);
+                flags |= FLAG_TWO_SCOPES;
+            }
+        }
+        planner.entry(key, id, &want.backends, want, flags);
     }
     let mut p = planner.p;
     let gone: Vec<(&ServiceKey, &ServiceValue)> = match removable {
@@ -183,33 +202,46 @@ struct Planner<'a> {
     /// Ids in use, built only when a new entry needs an id.
     used: Option<HashSet<u32>>,
     next_id: u32,
+    /// Maglev tables in the map once this plan's new ones are in and before any goes.
+    tables: usize,
     empty: BTreeMap<u32, Backend>,
 }
 
 impl Planner<'_> {
-    /// The writes that give entry `key` the `backends` and settings of `want`, and `flags`.
+    /// The id of entry `key`: its own, or the lowest one free, if any (see [`Plan::no_id`]).
+    fn id(&mut self, key: ServiceKey) -> Option<u32> {
+        if let Some(v) = self.state.services.get(&key) {
+            return Some(v.id);
+        }
+        let state = self.state;
+        let used = self
+            .used
+            .get_or_insert_with(|| state.services.values().map(|v| v.id).collect());
+        while used.contains(&self.next_id) {
+            self.next_id += 1;
+        }
+        if self.next_id >= MAX_SERVICES {
+            self.p.no_id.push(key);
+            return None;
+        }
+        used.insert(self.next_id);
+        Some(self.next_id)
+    }
+
+    /// The writes that give entry `key` (with `id`) the `backends` and settings of `want`, and
+    /// `flags`.
     fn entry(
         &mut self,
         key: ServiceKey,
+        id: u32,
         backends: &[SocketAddrV4],
         want: &DesiredFrontend,
         flags: u8,
     ) {
         let state = self.state;
         let p = &mut self.p;
-        let (id, current) = match state.services.get(&key) {
-            Some(v) => (v.id, state.backends.get(&v.id).unwrap_or(&self.empty)),
-            None => {
-                let used = self
-                    .used
-                    .get_or_insert_with(|| state.services.values().map(|v| v.id).collect());
-                while used.contains(&self.next_id) {
-                    self.next_id += 1;
-                }
-                used.insert(self.next_id);
-                (self.next_id, &self.empty)
-            }
-        };
+        // By id, not by entry: slots a failed write left under a new entry's id are reused.
+        let current = state.backends.get(&id).unwrap_or(&self.empty);
         let n = backends.len().min(u16::MAX as usize);
         let wanted: BTreeSet<Backend> = backends[..n].iter().map(backend_value).collect();
         let mut slots: Vec<Option<Backend>> = vec![None; n];
@@ -244,7 +276,16 @@ impl Planner<'_> {
                 slot: s,
             });
         }
-        let maglev = want.algorithm == Algorithm::Maglev && !slots.is_empty();
+        let mut algorithm = want.algorithm;
+        let mut maglev = algorithm == Algorithm::Maglev && !slots.is_empty();
+        if maglev && !state.maglev.contains_key(&id) {
+            if self.tables < MAX_MAGLEV_SERVICES as usize {
+                self.tables += 1;
+            } else {
+                p.no_maglev.push(key);
+                (maglev, algorithm) = (false, Algorithm::Random);
+            }
+        }
         if maglev {
             let addrs: Vec<SocketAddrV4> = slots.iter().map(backend_addr).collect();
             let table = maglev::table(&addrs, self.mcfg.table_size, self.mcfg.seed);
@@ -257,7 +298,7 @@ impl Planner<'_> {
         let value = ServiceValue {
             id,
             count: slots.len() as u16,
-            algorithm: want.algorithm.to_map(),
+            algorithm: algorithm.to_map(),
             flags,
             affinity_timeout_secs: want.affinity_timeout_secs.unwrap_or(0),
             maglev_size: if maglev { self.mcfg.table_size } else { 0 },
@@ -273,6 +314,23 @@ pub fn backend_addr(b: &Backend) -> SocketAddrV4 {
         weir_lb_common::ip_from_map(b.addr).into(),
         weir_lb_common::port_from_map(b.port),
     )
+}
+
+/// The frontend address of a `SERVICES` key.
+pub fn frontend_addr(k: &ServiceKey) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        weir_lb_common::ip_from_map(k.addr).into(),
+        weir_lb_common::port_from_map(k.port),
+    )
+}
+
+/// "TCP" or "UDP", as Service ports name them.
+pub fn proto_name(proto: u8) -> &'static str {
+    if proto == weir_lb_common::PROTO_UDP {
+        "UDP"
+    } else {
+        "TCP"
+    }
 }
 
 impl MapState {
@@ -424,6 +482,109 @@ mod tests {
         d.insert(fe(1), want(&[1, 2, 3], Algorithm::Random));
         let p = step(&mut st, &d);
         assert_eq!(p.del_maglev, vec![1]);
+    }
+
+    /// `MapState` with every service id but the `free` highest ones taken.
+    fn all_ids_but(free: u32) -> MapState {
+        let mut st = MapState::default();
+        for id in 1..MAX_SERVICES - free {
+            let key = ServiceKey {
+                addr: id,
+                port: 80,
+                proto: PROTO_TCP,
+                scope: SCOPE_EXTERNAL,
+            };
+            let value = ServiceValue {
+                id,
+                count: 0,
+                algorithm: 0,
+                flags: 0,
+                affinity_timeout_secs: 0,
+                maglev_size: 0,
+            };
+            st.services.insert(key, value);
+        }
+        st
+    }
+
+    #[test]
+    fn a_two_scope_frontend_short_of_ids_keeps_one_entry_for_everyone() {
+        let mut local = want(&[1], Algorithm::Random);
+        local.internal_backends = Some(want(&[1, 2], Algorithm::Random).backends);
+        let one = Desired::from([(fe(1), local)]);
+        let plan = |free| plan_scoped(&all_ids_but(free), &one, Some(&[]), MaglevConfig::default());
+
+        let p = plan(2);
+        assert_eq!(p.put_services.len(), 2);
+        assert!(p.put_services.iter().all(|(_, v)| v.id < MAX_SERVICES));
+        assert!(!p.short_of_room());
+
+        // One id: the external entry gets it, with no flag sending the socket hooks to an
+        // internal entry that is not there.
+        let p = plan(1);
+        let ext = service_key(&fe(1));
+        assert_eq!(p.put_services.len(), 1);
+        assert_eq!(p.put_services[0].0, ext);
+        assert_eq!(
+            (
+                p.put_services[0].1.id,
+                p.put_services[0].1.flags,
+                p.put_services[0].1.count
+            ),
+            (MAX_SERVICES - 1, 0, 1)
+        );
+        assert_eq!(p.no_id, vec![service_keys(&fe(1))[1]]);
+
+        // None: nothing of the frontend is written, so no internal entry is left alone.
+        let p = plan(0);
+        assert!(p.is_empty());
+        assert_eq!(p.no_id, vec![ext]);
+    }
+
+    #[test]
+    fn maglev_entries_past_the_table_budget_pick_at_random_until_tables_are_freed() {
+        let mcfg = MaglevConfig {
+            table_size: 7,
+            seed: 1,
+        };
+        let mut d: Desired = (0..MAX_MAGLEV_SERVICES)
+            .map(|i| {
+                let f = Frontend {
+                    addr: SocketAddrV4::new(i.into(), 80),
+                    proto: PROTO_TCP,
+                };
+                (f, want(&[1, 2], Algorithm::Maglev))
+            })
+            .collect();
+        let mut st = MapState::default();
+        let p = plan(&st, &d, mcfg);
+        assert_eq!(p.put_maglev.len(), MAX_MAGLEV_SERVICES as usize);
+        st.apply(&p);
+
+        // One Maglev frontend goes, one comes: the table going is still in the map while the
+        // new one would be written, so the newcomer picks at random for now.
+        let first = *d.keys().next().expect("frontends");
+        d.remove(&first);
+        d.insert(fe(1), want(&[1, 2], Algorithm::Maglev));
+        let p = plan(&st, &d, mcfg);
+        assert!(p.put_maglev.is_empty());
+        assert_eq!(p.del_maglev.len(), 1);
+        assert_eq!(p.no_maglev, vec![service_key(&fe(1))]);
+        let newcomer = p.put_services[0];
+        assert_eq!(newcomer.0, service_key(&fe(1)));
+        assert_eq!(
+            (newcomer.1.algorithm, newcomer.1.maglev_size),
+            (Algorithm::Random.to_map(), 0)
+        );
+        st.apply(&p);
+
+        // The retry has the freed room.
+        let p = plan(&st, &d, mcfg);
+        assert!(!p.short_of_room());
+        assert_eq!(p.put_maglev.len(), 1);
+        assert_eq!(p.put_services[0].1.algorithm, Algorithm::Maglev.to_map());
+        st.apply(&p);
+        assert!(plan(&st, &d, mcfg).is_empty());
     }
 
     #[test]

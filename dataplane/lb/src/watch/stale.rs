@@ -31,7 +31,7 @@ use weir_lb_common::{Backend, PROTO_UDP, RevNatKey, RevNatValue, ServiceKey, Ser
 
 use crate::Error;
 use crate::model::Frontend;
-use crate::plan::{MapState, backend_addr, backend_value, service_keys};
+use crate::plan::{MapState, backend_addr, backend_value, frontend_addr, service_keys};
 
 /// (Service address, backend) pairs of UDP frontends, as the maps hold them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -64,11 +64,7 @@ impl UdpPairs {
     ) -> Self {
         let mut pairs = HashSet::new();
         for (k, v) in services.filter(|(k, _)| k.proto == PROTO_UDP) {
-            let vip = backend_addr(&Backend {
-                addr: k.addr,
-                port: k.port,
-                _pad: 0,
-            });
+            let vip = frontend_addr(k);
             for b in state
                 .backends
                 .get(&v.id)
