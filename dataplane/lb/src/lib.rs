@@ -174,6 +174,14 @@ fn short_of_room(plan: &Plan) -> String {
             weir_lb_common::MAX_SERVICES - 1
         ));
     }
+    if !plan.no_slot.is_empty() {
+        out.push(format!(
+            "{} frontend entries hold only some of their backends{}: WEIR_BACKENDS holds {} slots",
+            plan.no_slot.len(),
+            first(&plan.no_slot),
+            weir_lb_common::MAX_BACKEND_SLOTS
+        ));
+    }
     if !plan.no_maglev.is_empty() {
         out.push(format!(
             "{} Maglev entries pick at random{}: WEIR_MAGLEV holds {} tables",

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddrV4;
 
 use weir_lb_common::{
-    Backend, BackendKey, FLAG_AFFINITY, FLAG_TWO_SCOPES, MAX_MAGLEV_SERVICES, MAX_SERVICES,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, ip_to_map, port_to_map,
+    Backend, BackendKey, FLAG_AFFINITY, FLAG_TWO_SCOPES, MAX_BACKEND_SLOTS, MAX_MAGLEV_SERVICES,
+    MAX_SERVICES, SCOPE_EXTERNAL, SCOPE_INTERNAL, ServiceKey, ServiceValue, ip_to_map, port_to_map,
 };
 
 use crate::maglev;
@@ -42,6 +42,9 @@ pub struct Plan {
     /// Maglev entries that pick at random instead: `MAGLEV` had no room for their table
     /// (`MAX_MAGLEV_SERVICES`, counting the tables this plan deletes, which go last).
     pub no_maglev: Vec<ServiceKey>,
+    /// Entries given only some of their backends (maybe none: they refuse): `BACKENDS` had no
+    /// more free slots (`MAX_BACKEND_SLOTS`, counting the slots this plan deletes).
+    pub no_slot: Vec<ServiceKey>,
 }
 
 impl Plan {
@@ -51,7 +54,7 @@ impl Plan {
 
     /// Whether part of the desired state had no room in the maps (see [`Plan::no_id`]).
     pub fn short_of_room(&self) -> bool {
-        !self.no_id.is_empty() || !self.no_maglev.is_empty()
+        !self.no_id.is_empty() || !self.no_maglev.is_empty() || !self.no_slot.is_empty()
     }
 
     /// Number of map entries written or deleted.
@@ -134,7 +137,7 @@ pub fn plan_scoped(
         used: None,
         next_id: 1,
         tables: state.maglev.len(),
-        empty: BTreeMap::new(),
+        free_slots: None,
     };
     let mut wanted_keys = HashSet::with_capacity(desired.len());
     for (fe, want) in desired {
@@ -204,8 +207,11 @@ struct Planner<'a> {
     next_id: u32,
     /// Maglev tables in the map once this plan's new ones are in and before any goes.
     tables: usize,
-    empty: BTreeMap<u32, Backend>,
+    /// Free `BACKENDS` slots left by the new slots planned so far, counted when first needed.
+    free_slots: Option<usize>,
 }
+
+static NO_SLOTS: BTreeMap<u32, Backend> = BTreeMap::new();
 
 impl Planner<'_> {
     /// The id of entry `key`: its own, or the lowest one free, if any (see [`Plan::no_id`]).
@@ -228,6 +234,18 @@ impl Planner<'_> {
         Some(self.next_id)
     }
 
+    /// Takes one free `BACKENDS` slot, if there is one.
+    fn take_slot(&mut self) -> bool {
+        let state = self.state;
+        let free = self.free_slots.get_or_insert_with(|| {
+            let used: usize = state.backends.values().map(BTreeMap::len).sum();
+            (MAX_BACKEND_SLOTS as usize).saturating_sub(used)
+        });
+        let taken = *free > 0;
+        *free = free.saturating_sub(1);
+        taken
+    }
+
     /// The writes that give entry `key` (with `id`) the `backends` and settings of `want`, and
     /// `flags`.
     fn entry(
@@ -239,11 +257,19 @@ impl Planner<'_> {
         flags: u8,
     ) {
         let state = self.state;
-        let p = &mut self.p;
         // By id, not by entry: slots a failed write left under a new entry's id are reused.
-        let current = state.backends.get(&id).unwrap_or(&self.empty);
-        let n = backends.len().min(u16::MAX as usize);
-        let wanted: BTreeSet<Backend> = backends[..n].iter().map(backend_value).collect();
+        let current = state.backends.get(&id).unwrap_or(&NO_SLOTS);
+        let all = backends.len().min(u16::MAX as usize);
+        let wanted: BTreeSet<Backend> = backends[..all].iter().map(backend_value).collect();
+        // Slots `0..n`; those not written yet need room in BACKENDS.
+        let mut n = 0;
+        while n < all && (current.contains_key(&(n as u32)) || self.take_slot()) {
+            n += 1;
+        }
+        let p = &mut self.p;
+        if n < all {
+            p.no_slot.push(key);
+        }
         let mut slots: Vec<Option<Backend>> = vec![None; n];
         let mut placed = HashSet::new();
         for (s, slot) in slots.iter_mut().enumerate() {
@@ -539,6 +565,29 @@ mod tests {
         let p = plan(0);
         assert!(p.is_empty());
         assert_eq!(p.no_id, vec![ext]);
+    }
+
+    #[test]
+    fn an_entry_grows_by_the_free_slots_only() {
+        let mut st = MapState::default();
+        let d = Desired::from([(fe(1), want(&[1], Algorithm::Random))]);
+        step(&mut st, &d);
+        // Another id's slots fill BACKENDS but one.
+        let filler = backend_value(&SocketAddrV4::new([10, 244, 9, 9].into(), 80));
+        st.backends
+            .insert(7, (0..MAX_BACKEND_SLOTS - 2).map(|s| (s, filler)).collect());
+
+        let d = Desired::from([(fe(1), want(&[1, 2, 3], Algorithm::Random))]);
+        let p = plan(&st, &d, MaglevConfig::default());
+        assert_eq!(p.put_backends.len(), 1);
+        assert_eq!(p.put_services[0].1.count, 2, "slot 0 kept, slot 1 new");
+        assert_eq!(p.no_slot, vec![service_key(&fe(1))]);
+        st.apply(&p);
+
+        st.backends.remove(&7);
+        let p = plan(&st, &d, MaglevConfig::default());
+        assert!(!p.short_of_room());
+        assert_eq!(p.put_services[0].1.count, 3);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use weir_lb::model::{DesiredFrontend, Frontend, ServiceRef};
 use weir_lb::netlab::{TestBpfRoot, TestCgroup};
 use weir_lb::plan::service_key;
 use weir_lb::{Algorithm, Desired, MaglevConfig, Syncer, load_and_attach};
-use weir_lb_common::{MAX_SERVICES, PROTO_TCP};
+use weir_lb_common::{MAX_BACKEND_SLOTS, MAX_SERVICES, PROTO_TCP};
 
 fn fe(i: u32) -> Frontend {
     Frontend {
@@ -67,5 +67,53 @@ fn a_full_service_map_still_takes_deletions_and_ids_stay_inside_the_per_id_array
     assert!(maps.services.contains_key(&service_key(&fe(room))));
     assert!(!maps.services.contains_key(&service_key(&fe(room + 1))));
     assert!(maps.services.values().all(|v| v.id < MAX_SERVICES));
+    Ok(())
+}
+
+#[test]
+fn a_full_backend_map_still_takes_deletions() -> Result<()> {
+    let bpf = TestBpfRoot::new();
+    let cg = TestCgroup::new()?;
+    let mut syncer = Syncer::new(load_and_attach(&bpf.0, &cg.path)?, MaglevConfig::default())?;
+    let want = |n: u32| DesiredFrontend {
+        service: Arc::new(ServiceRef {
+            namespace: "default".into(),
+            name: "wide".into(),
+            port: String::new(),
+        }),
+        backends: (0..n)
+            .map(|i| SocketAddrV4::new(Ipv4Addr::from(0x0af4_0000 + i), 8080))
+            .collect(),
+        internal_backends: None,
+        algorithm: Algorithm::Random,
+        affinity_timeout_secs: None,
+    };
+    // Every slot taken.
+    let per = 256;
+    let frontends = MAX_BACKEND_SLOTS / per;
+    let mut d: Desired = (0..frontends).map(|i| (fe(i), want(per))).collect();
+    syncer.sync(&d)?;
+
+    // One frontend goes, one with two endpoints comes: the deletion lands although the
+    // newcomer's slots cannot be written before it; the newcomer serves what fits (nothing
+    // yet: it refuses rather than letting connects through unrewritten) and says so.
+    d.remove(&fe(0));
+    d.insert(fe(frontends), want(2));
+    let err = syncer.sync(&d).expect_err("no slot for the newcomer");
+    let maps = syncer.maps().read_state()?;
+    assert!(
+        !maps.services.contains_key(&service_key(&fe(0))),
+        "the deleted frontend is still in the map ({err})"
+    );
+    assert!(
+        err.to_string().contains("WEIR_BACKENDS"),
+        "the error names the full map: {err}"
+    );
+    assert_eq!(syncer.state(), &maps, "the mirror is the maps");
+
+    // The retry has the freed slots.
+    assert_eq!(syncer.sync(&d)?, 3, "two slots and the count");
+    let maps = syncer.maps().read_state()?;
+    assert_eq!(maps.services[&service_key(&fe(frontends))].count, 2);
     Ok(())
 }
