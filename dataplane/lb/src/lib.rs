@@ -159,38 +159,41 @@ impl Syncer {
 /// What [`Error::Full`] says of `plan`: how many entries missed out, the first of them, and
 /// the limit in the way.
 fn short_of_room(plan: &Plan) -> String {
-    let first = |keys: &[weir_lb_common::ServiceKey]| {
-        keys.first().map_or(String::new(), |k| {
-            let proto = plan::proto_name(k.proto);
-            format!(" (first: {}/{proto})", plan::frontend_addr(k))
-        })
-    };
-    let mut out = Vec::new();
-    if !plan.no_id.is_empty() {
-        out.push(format!(
-            "{} frontend entries not written{}: WEIR_SERVICES has ids for {} entries",
-            plan.no_id.len(),
-            first(&plan.no_id),
-            weir_lb_common::MAX_SERVICES - 1
-        ));
-    }
-    if !plan.no_slot.is_empty() {
-        out.push(format!(
-            "{} frontend entries hold only some of their backends{}: WEIR_BACKENDS holds {} slots",
-            plan.no_slot.len(),
-            first(&plan.no_slot),
-            weir_lb_common::MAX_BACKEND_SLOTS
-        ));
-    }
-    if !plan.no_maglev.is_empty() {
-        out.push(format!(
-            "{} Maglev entries pick at random{}: WEIR_MAGLEV holds {} tables",
-            plan.no_maglev.len(),
-            first(&plan.no_maglev),
-            weir_lb_common::MAX_MAGLEV_SERVICES
-        ));
-    }
-    out.join("; ")
+    use weir_lb_common::{MAX_BACKEND_SLOTS, MAX_MAGLEV_SERVICES, MAX_SERVICES};
+    [
+        (
+            &plan.no_id,
+            "are not written",
+            "WEIR_SERVICES has ids for",
+            MAX_SERVICES - 1,
+            "entries",
+        ),
+        (
+            &plan.no_slot,
+            "hold only some of their backends",
+            "WEIR_BACKENDS holds",
+            MAX_BACKEND_SLOTS,
+            "slots",
+        ),
+        (
+            &plan.no_maglev,
+            "pick at random, not by Maglev",
+            "WEIR_MAGLEV holds",
+            MAX_MAGLEV_SERVICES,
+            "tables",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(keys, what, map, limit, unit)| {
+        let k = keys.first()?;
+        let (addr, proto) = (plan::frontend_addr(k), plan::proto_name(k.proto));
+        Some(format!(
+            "{} frontend entries {what} (first: {addr}/{proto}): {map} {limit} {unit}",
+            keys.len()
+        ))
+    })
+    .collect::<Vec<_>>()
+    .join("; ")
 }
 
 /// `weir lb` / the load balancer part of `weir up`.

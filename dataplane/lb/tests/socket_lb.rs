@@ -168,7 +168,13 @@ impl Drop for Env {
 }
 
 fn name_of(port: u16) -> std::io::Result<(String, SocketAddr)> {
-    let s = TcpStream::connect_timeout(&SocketAddr::from((VIP, port)), TIMEOUT)?;
+    name_at(SocketAddr::from((VIP, port)))
+}
+
+/// The first line a TCP backend reached through `to` sends (its name), and the peer address
+/// the socket reports.
+fn name_at(to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+    let s = TcpStream::connect_timeout(&to, TIMEOUT)?;
     s.set_read_timeout(Some(TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
@@ -479,15 +485,6 @@ fn agent_restart_keeps_established_connections_and_replaces_links() -> Result<()
     Ok(())
 }
 
-/// The first line a TCP backend sends: its name.
-fn tcp_name(to: SocketAddr) -> std::io::Result<String> {
-    let s = TcpStream::connect_timeout(&to, TIMEOUT)?;
-    s.set_read_timeout(Some(TIMEOUT))?;
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
-    Ok(line.trim().to_string())
-}
-
 #[test]
 fn pods_reach_a_local_policy_load_balancer_whose_only_endpoint_is_on_another_node() -> Result<()> {
     const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
@@ -552,7 +549,8 @@ fn pods_reach_a_local_policy_load_balancer_whose_only_endpoint_is_on_another_nod
         Ok(env.syncer().sync(&want)?)
     };
     // From a pod on this node, every external address of the Service (TCP through connect4,
-    // unconnected UDP through sendmsg4/recvmsg4) reaches the endpoint on the other node.
+    // unconnected UDP through sendmsg4/recvmsg4) reaches the endpoint on the other node, and
+    // the socket shows the address it dialled (getpeername4, recvmsg4).
     let in_node = |env: &Env| -> Result<()> {
         let (names, udp) = env.client(move || -> std::io::Result<_> {
             let mut names = Vec::new();
@@ -561,7 +559,7 @@ fn pods_reach_a_local_policy_load_balancer_whose_only_endpoint_is_on_another_nod
                 SocketAddr::from((LB_IP, 90)),
                 SocketAddr::from((node_ip, 30090)),
             ] {
-                names.push((to, tcp_name(to)?));
+                names.push((to, name_at(to)?));
             }
             let u = UdpSocket::bind("0.0.0.0:0")?;
             u.set_read_timeout(Some(TIMEOUT))?;
@@ -573,8 +571,9 @@ fn pods_reach_a_local_policy_load_balancer_whose_only_endpoint_is_on_another_nod
                 (String::from_utf8_lossy(&buf[..k]).to_string(), from),
             ))
         })??;
-        for (to, name) in names {
+        for (to, (name, peer)) in names {
             ensure!(name == "far", "{to} answered by {name:?}");
+            ensure!(peer == to, "{to} shows peer {peer}");
         }
         ensure!(
             udp == ("far".to_string(), SocketAddr::from((EXTERNAL_IP, 53))),
@@ -590,7 +589,7 @@ fn pods_reach_a_local_policy_load_balancer_whose_only_endpoint_is_on_another_nod
                 SocketAddr::from((EXTERNAL_IP, 90)),
                 SocketAddr::from((node_ip, 30090)),
             ]
-            .map(tcp_name)
+            .map(|to| name_at(to).map(|(n, _)| n))
             .into_iter()
             .collect::<Vec<_>>()
         })?
