@@ -15,7 +15,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::json;
 use weir_lb::netlab::{Lab, Pod, TestBpfRoot, TestCgroup, in_netns, ip};
 use weir_lb::tc::TcPrograms;
-use weir_lb::{MaglevConfig, ModelConfig, Scope, Syncer, load_and_attach, model};
+use weir_lb::{LbMaps, MaglevConfig, ModelConfig, Scope, Syncer, load_and_attach, model};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -601,6 +601,13 @@ fn pods_reach_a_local_policy_load_balancer_whose_only_endpoint_is_on_another_nod
     let refused = |r: &std::io::Result<String>| matches!(r, Err(e) if e.kind() == ErrorKind::ConnectionRefused);
 
     program(&mut env, "Local")?;
+    // A restarted agent reads both entries of each frontend back from the pinned maps and
+    // finds nothing to write.
+    env.syncer = Some(Syncer::new(
+        LbMaps::open_pinned(&env.bpf.0)?,
+        MaglevConfig::default(),
+    )?);
+    assert_eq!(program(&mut env, "Local")?, 0, "writes after a restart");
     in_node(&env)?;
     // The tc path keeps Local's promise: no endpoint on this node, so outside clients are
     // refused (ICMP port unreachable), not sent to the other node.
