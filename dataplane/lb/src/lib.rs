@@ -61,7 +61,7 @@ pub struct ListRow {
     pub frontend: SocketAddrV4,
     pub proto: &'static str,
     /// Which clients this entry serves: an external frontend of an `externalTrafficPolicy:
-    /// Local` Service has two rows.
+    /// Local` Service has two rows (one, `All`, while the maps have no id for the second).
     pub scope: Scope,
     pub id: u32,
     pub algorithm: Algorithm,

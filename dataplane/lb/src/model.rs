@@ -102,7 +102,8 @@ pub struct DesiredFrontend {
     /// node (pods, host processes: the socket hooks), while `backends` holds this node's
     /// endpoints, for traffic from outside the node (the tc path). kube-proxy does the same
     /// ("short-circuiting" in-cluster traffic to the Service's cluster endpoints), whatever
-    /// the `internalTrafficPolicy`. Programmed as a second map entry (`SCOPE_INTERNAL`).
+    /// the `internalTrafficPolicy`. Programmed as a second map entry (`SCOPE_INTERNAL`) when
+    /// the maps have room for it ([`crate::Plan::no_id`]).
     pub internal_backends: Option<Arc<[SocketAddrV4]>>,
     pub algorithm: Algorithm,
     /// `Some(timeout)` for `sessionAffinity: ClientIP`.

@@ -39,7 +39,8 @@ pub const FLAG_TWO_SCOPES: u8 = 2;
 /// Service holds this node's endpoints there, flagged `FLAG_TWO_SCOPES`, and has a second
 /// entry of `SCOPE_INTERNAL` with the cluster-wide endpoints, which the socket hooks (clients
 /// on this node) use: kube-proxy sends in-cluster traffic to external addresses to every
-/// endpoint, not only to the node's own.
+/// endpoint, not only to the node's own. (While the maps have no id for the second entry,
+/// the first is unflagged and serves everyone.)
 pub const SCOPE_EXTERNAL: u8 = 0;
 pub const SCOPE_INTERNAL: u8 = 1;
 
