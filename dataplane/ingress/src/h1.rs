@@ -45,7 +45,7 @@ pub(crate) const MAX_RESPONSE_HEADERS: usize = 100;
 /// Largest upstream response head.
 pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Largest request body the fast path forwards itself (it must have arrived with the head).
-const MAX_FAST_BODY: usize = 16 * 1024;
+pub(crate) const MAX_FAST_BODY: usize = 16 * 1024;
 /// Bytes read from an upstream socket at a time.
 pub(crate) const READ_SIZE: usize = 16 * 1024;
 /// Bytes read from a client at a time: request heads are small, and this buffer lives as

@@ -3,6 +3,7 @@
 //! the bodies both ways, retries of idempotent requests on another endpoint, HTTP Upgrade
 //! (WebSocket) tunnels, and one metrics update and access-log line per request.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -120,10 +121,15 @@ impl ConnInfo {
     }
 }
 
-/// The body sent upstream: the client's, streamed under the size limit, or none.
+/// The body sent upstream: the client's, streamed under the size limit, or none. Frames
+/// the proxy took from the client before it chose hyper's client ([`crate::raw`] looks at
+/// what has arrived) go first.
 #[derive(Debug)]
 pub enum ReqBody {
-    Stream(Limited<Incoming>),
+    Stream {
+        received: VecDeque<Result<Frame<Bytes>, hyper::Error>>,
+        rest: Limited<Incoming>,
+    },
     Empty,
 }
 
@@ -136,21 +142,32 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ReqBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Stream { received, rest } => match received.pop_front() {
+                Some(frame) => Poll::Ready(Some(frame.map_err(Into::into))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
             ReqBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ReqBody::Stream(b) => b.is_end_stream(),
+            ReqBody::Stream { received, rest } => received.is_empty() && rest.is_end_stream(),
             ReqBody::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ReqBody::Stream(b) => b.size_hint(),
+            ReqBody::Stream { received, rest } => {
+                let taken = crate::raw::data_len(received) as u64;
+                let mut hint = rest.size_hint();
+                if let Some(upper) = hint.upper() {
+                    hint.set_upper(upper + taken);
+                }
+                hint.set_lower(hint.lower() + taken);
+                hint
+            }
             ReqBody::Empty => SizeHint::with_exact(0),
         }
     }
@@ -568,7 +585,7 @@ impl Proxy {
         }
         let upgrade = is_upgrade(&req);
         let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (parts, body) = req.into_parts();
+        let (parts, mut body) = req.into_parts();
         let method = parts.method;
         let mut headers = parts.headers;
         let wants_trailers = backend.h2 && te_has_trailers(&headers);
@@ -601,19 +618,27 @@ impl Proxy {
             Version::HTTP_11
         };
         let empty = body.is_end_stream();
-        // A bodiless h2 request to an HTTP/1.1 backend goes over a plain upstream socket,
-        // its head serialized once for every attempt.
-        let raw_head =
-            (empty && !backend.h2 && parts.version == Version::HTTP_2 && method != Method::CONNECT)
-                .then(|| {
-                    let mut send = Vec::with_capacity(1024);
-                    crate::raw::request_head(&method, &path, &headers, &mut send);
-                    send
-                });
+        // An h2 request to an HTTP/1.1 backend goes over a plain upstream socket, its head
+        // (and small body) serialized once for every attempt, if its body, when it has one,
+        // has a length and has arrived whole.
+        let mut received = VecDeque::new();
+        let raw_head = (!backend.h2
+            && parts.version == Version::HTTP_2
+            && method != Method::CONNECT
+            && (empty
+                || content_length(&headers).is_some_and(|n| n <= crate::raw::MAX_BODY as u64)
+                    && crate::raw::received(&mut body, &mut received)))
+        .then(|| crate::raw::request(&method, &path, &headers, &received))
+        .flatten();
         let mut body = Some(if empty {
             ReqBody::Empty
         } else {
-            ReqBody::Stream(Limited::new(body, self.cfg.max_body_bytes as usize))
+            let taken = crate::raw::data_len(&received);
+            let limit = (self.cfg.max_body_bytes as usize).saturating_sub(taken);
+            ReqBody::Stream {
+                received,
+                rest: Limited::new(body, limit),
+            }
         });
         let retryable = empty && !upgrade && is_idempotent(&method);
         let timeout = target.read_timeout.unwrap_or(self.cfg.read_timeout);

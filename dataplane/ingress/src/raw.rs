@@ -5,41 +5,86 @@
 //! [`http::Response`], and [`RawBody`] decodes the body from its HTTP/1.1 framing
 //! (length, chunked with trailers, or until close) into h2 DATA frames.
 //!
-//! [`crate::proxy`] sends bodiless h2 requests to HTTP/1.1 backends this way; requests with
-//! a body, upgrades and CONNECT stay with hyper's client.
+//! [`crate::proxy`] sends h2 requests to HTTP/1.1 backends this way when they have no body,
+//! or a small one with a `Content-Length` that arrived with the request (as the HTTP/1.1
+//! fast path takes them); other bodies, and CONNECT, stay with hyper's client.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
+use futures::FutureExt;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Response};
 use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 
 use crate::balance::InFlight;
 use crate::h1::{self, Framing, MAX_RESPONSE_HEAD, MAX_RESPONSE_HEADERS, READ_SIZE, RespHead};
 use crate::pool::{Pooled, Upstream};
 use crate::proxy::strip_hop_by_hop;
 
-/// Write the HTTP/1.1 head of a bodiless request for `path` with `headers` (already
-/// rewritten for the upstream) into `out`. Without a body there is no framing header to
-/// add, as hyper's client adds none.
-pub(crate) fn request_head(
+/// Largest request body sent this way, as on the HTTP/1.1 fast path; it must have arrived
+/// whole with the request.
+pub(crate) const MAX_BODY: usize = h1::MAX_FAST_BODY;
+
+/// Take the frames of `body` that have already arrived into `out`, without waiting;
+/// whether they are all of it.
+pub(crate) fn received(
+    body: &mut Incoming,
+    out: &mut VecDeque<Result<Frame<Bytes>, hyper::Error>>,
+) -> bool {
+    loop {
+        match body.frame().now_or_never() {
+            Some(Some(frame)) => {
+                let failed = frame.is_err();
+                out.push_back(frame);
+                if failed {
+                    return false;
+                }
+            }
+            Some(None) => return true,
+            None => return false,
+        }
+    }
+}
+
+/// Bytes of data in `frames`.
+pub(crate) fn data_len(frames: &VecDeque<Result<Frame<Bytes>, hyper::Error>>) -> usize {
+    frames
+        .iter()
+        .filter_map(|f| f.as_ref().ok()?.data_ref())
+        .map(Bytes::len)
+        .sum()
+}
+
+/// The HTTP/1.1 request for `path` with `headers` (already rewritten for the upstream)
+/// and the data of `body`, a whole body of the length its `Content-Length` gives; `None`
+/// if `body` holds anything but data. Without a body there is no framing header to add,
+/// as hyper's client adds none.
+pub(crate) fn request(
     method: &Method,
     path: &PathAndQuery,
     headers: &HeaderMap,
-    out: &mut Vec<u8>,
-) {
+    body: &VecDeque<Result<Frame<Bytes>, hyper::Error>>,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(1024);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(path.as_str().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        h1::put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
+    for frame in body {
+        out.extend_from_slice(frame.as_ref().ok()?.data_ref()?);
+    }
+    Some(out)
 }
 
 /// Why an upstream response body broke off.
@@ -229,13 +274,23 @@ mod tests {
         headers.insert("host", HeaderValue::from_static("a.example"));
         headers.append("cookie", HeaderValue::from_static("a=1"));
         headers.append("cookie", HeaderValue::from_static("b=2"));
-        let mut out = Vec::new();
         let path = PathAndQuery::from_static("/p?q=1");
-        request_head(&Method::DELETE, &path, &headers, &mut out);
+        let out = request(&Method::DELETE, &path, &headers, &VecDeque::new()).expect("request");
         assert_eq!(
             String::from_utf8_lossy(&out),
             "DELETE /p?q=1 HTTP/1.1\r\nhost: a.example\r\ncookie: a=1\r\ncookie: b=2\r\n\r\n"
         );
+        let body = VecDeque::from([
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::data(Bytes::from_static(b"c"))),
+        ]);
+        let out = request(&Method::PUT, &path, &HeaderMap::new(), &body).expect("request");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "PUT /p?q=1 HTTP/1.1\r\n\r\nabc"
+        );
+        let trailers = VecDeque::from([Ok(Frame::trailers(HeaderMap::new()))]);
+        assert!(request(&Method::PUT, &path, &HeaderMap::new(), &trailers).is_none());
     }
 
     /// `bytes` written by an endpoint one byte at a time, read back through a [`RawBody`]:
