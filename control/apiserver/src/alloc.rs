@@ -1,4 +1,4 @@
-//! ClusterIP and NodePort allocation for Services.
+//! ClusterIP, NodePort and healthCheckNodePort allocation for Services.
 //!
 //! Every allocated IP or port is one store key (`/registry/weir/serviceips/<ip>`,
 //! `/registry/weir/nodeports/<port>`) created with a store `create`, which is a
@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use rand::Rng;
 use serde_json::{Value, json};
+use weir_api::admission::needs_health_check_node_port;
 use weir_api::{ApiError, Cause, Resource};
 use weir_store::{Error as StoreError, Store};
 
@@ -118,15 +119,17 @@ impl Held {
                     .map(|ip| vec![ip])
             })
             .unwrap_or_default();
+        // The health check node port comes from the node port range and is held alike.
         let ports = spec["ports"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p["nodePort"].as_u64())
-                    .filter_map(|p| u16::try_from(p).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+            .into_iter()
+            .flatten()
+            .map(|p| &p["nodePort"])
+            .chain([&spec["healthCheckNodePort"]])
+            .filter_map(Value::as_u64)
+            .filter_map(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .collect();
         Self { ips, ports }
     }
 
@@ -561,6 +564,105 @@ impl Allocator {
                 }
             }
         }
+        self.assign_health_check_port(svc, old, claimed, mode, &owner, invalid)
+            .await
+    }
+
+    /// `spec.healthCheckNodePort` of a LoadBalancer + Local Service, as kube's
+    /// `allocHealthCheckNodePort`/`updateHealthCheckNodePort`: a given value is claimed, an
+    /// unset one picked (or, on update, kept), and it may not change while the Service stays
+    /// LoadBalancer + Local. A Service that stops needing it has it cleared by admission
+    /// (`prepare_update`), so [`Held::minus`] releases it.
+    async fn assign_health_check_port(
+        &self,
+        svc: &mut Value,
+        old: Option<&Value>,
+        claimed: &mut Held,
+        mode: &mut Mode<'_>,
+        owner: &str,
+        invalid: impl Fn(&str, Value, &str) -> ApiError,
+    ) -> Result<(), ApiError> {
+        const FIELD: &str = "spec.healthCheckNodePort";
+        if !needs_health_check_node_port(svc) {
+            // Admission refused any other value than 0, which Kubernetes omits.
+            if let Some(spec) = svc["spec"].as_object_mut() {
+                spec.remove("healthCheckNodePort");
+            }
+            return Ok(());
+        }
+        let old_port = old
+            .filter(|o| needs_health_check_node_port(o))
+            .and_then(|o| o["spec"]["healthCheckNodePort"].as_u64())
+            .filter(|n| *n != 0);
+        let asked = svc["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .filter(|n| *n != 0);
+        // One of this Service's own node ports is as taken as anyone else's.
+        let own_ports: Vec<u64> = svc["spec"]["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["nodePort"].as_u64())
+            .collect();
+        let n = match (old_port, asked) {
+            (Some(o), Some(a)) if o != a => {
+                return Err(invalid(
+                    FIELD,
+                    json!(a),
+                    "cannot change healthCheckNodePort on loadBalancer service with externalTraffic=Local during update",
+                ));
+            }
+            // Clients that send the manifest again omit the value the server picked.
+            (Some(o), _) => o,
+            (None, Some(a)) => {
+                let Ok(n) = u16::try_from(a) else {
+                    return Err(invalid(
+                        FIELD,
+                        json!(a),
+                        "must be between 1 and 65535, inclusive",
+                    ));
+                };
+                let taken = || invalid(FIELD, json!(n), "provided port is already allocated");
+                if own_ports.contains(&a) {
+                    return Err(taken());
+                }
+                let held_before = old.is_some_and(|o| Held::of(o).ports.contains(&n));
+                if !held_before {
+                    if !self.node_ports.contains(&n) {
+                        return Err(invalid(
+                            FIELD,
+                            json!(n),
+                            &format!(
+                                "provided port is not in the valid range. The range of valid ports is {}-{}",
+                                self.node_ports.start(),
+                                self.node_ports.end()
+                            ),
+                        ));
+                    }
+                    self.take(mode, format!("{PORT_PREFIX}{n}"), owner, taken)
+                        .await?;
+                    claimed.ports.push(n);
+                }
+                u64::from(n)
+            }
+            (None, None) => {
+                let mut n = self.pick_port(mode, owner).await?;
+                // Picked for the same write as the Service's new node ports (on create),
+                // a random port may be one of them; a claimed one cannot be.
+                for _ in 0..CREATE_TRIES {
+                    if !own_ports.contains(&u64::from(n)) {
+                        break;
+                    }
+                    if let Mode::Defer(pending) = mode {
+                        pending.pop();
+                    }
+                    n = self.pick_port(mode, owner).await?;
+                }
+                claimed.ports.push(n);
+                u64::from(n)
+            }
+        };
+        svc["spec"]["healthCheckNodePort"] = json!(n);
         Ok(())
     }
 }
@@ -598,5 +700,188 @@ mod tests {
         assert_eq!(held.minus(&held), Held::default());
         let headless = json!({"spec": {"clusterIP": "None"}});
         assert_eq!(Held::of(&headless), Held::default());
+        let local = json!({"spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 30999, "ports": [{"port": 80, "nodePort": 30001}]}});
+        assert_eq!(Held::of(&local).ports, vec![30001, 30999]);
+    }
+
+    struct Fixture {
+        alloc: Allocator,
+        store: Arc<dyn Store>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store: Arc<dyn Store> = Arc::new(
+            weir_store::EmbeddedStore::open(dir.path().join("db")).expect("embedded store"),
+        );
+        Fixture {
+            alloc: Allocator::new(store.clone(), ServiceCidr::default(), 30000..=32767),
+            store,
+            _dir: dir,
+        }
+    }
+
+    fn svc_res() -> &'static Resource {
+        weir_api::registry::find_by_name("svc").expect("svc")
+    }
+
+    fn lb_local(name: &str, health_port: Option<u16>) -> Value {
+        let mut svc = json!({"metadata": {"name": name, "namespace": "d"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "ports": [{"port": 80, "protocol": "TCP"}]}});
+        if let Some(p) = health_port {
+            svc["spec"]["healthCheckNodePort"] = json!(p);
+        }
+        svc
+    }
+
+    impl Fixture {
+        async fn create(&self, svc: Value) -> Result<Value, ApiError> {
+            let key = format!("/registry/services/specs/d/{}", meta::name(&svc));
+            self.alloc.create(svc_res(), svc, &key).await
+        }
+
+        async fn held(&self, port: u64) -> bool {
+            let key = format!("{PORT_PREFIX}{port}");
+            self.store.get(&key).await.expect("get").is_some()
+        }
+    }
+
+    /// The one cause of an Invalid error, as `field: message`.
+    fn cause(e: ApiError) -> String {
+        assert_eq!(e.code, 422, "{e:?}");
+        let causes = e.details.map(|d| d.causes).unwrap_or_default();
+        assert_eq!(causes.len(), 1, "{causes:?}");
+        causes[0].line()
+    }
+
+    #[tokio::test]
+    async fn load_balancer_local_gets_a_health_check_node_port() {
+        let f = fixture();
+        let svc = f.create(lb_local("auto", None)).await.expect("create");
+        let hc = svc["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .expect("allocated");
+        let node_port = svc["spec"]["ports"][0]["nodePort"]
+            .as_u64()
+            .expect("node port");
+        assert!((30000..=32767).contains(&hc), "{hc}");
+        assert_ne!(hc, node_port);
+        assert!(f.held(hc).await && f.held(node_port).await);
+
+        // Cluster policy and NodePort Services get none.
+        let mut cluster = lb_local("cluster", None);
+        cluster["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        let cluster = f.create(cluster).await.expect("create");
+        assert!(cluster["spec"].get("healthCheckNodePort").is_none());
+        assert_eq!(Held::of(&cluster).ports.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_requested_health_check_node_port_is_claimed_once() {
+        let f = fixture();
+        let svc = f.create(lb_local("a", Some(31000))).await.expect("create");
+        assert_eq!(svc["spec"]["healthCheckNodePort"], 31000);
+        assert!(f.held(31000).await);
+
+        let taken = f
+            .create(lb_local("b", Some(31000)))
+            .await
+            .expect_err("taken");
+        assert_eq!(
+            cause(taken),
+            "spec.healthCheckNodePort: Invalid value: 31000: provided port is already allocated"
+        );
+        // A node port (of another Service or of this one) is as taken.
+        let node_port = svc["spec"]["ports"][0]["nodePort"]
+            .as_u64()
+            .expect("node port");
+        let taken = f
+            .create(lb_local("c", Some(node_port as u16)))
+            .await
+            .expect_err("taken");
+        assert!(cause(taken).starts_with("spec.healthCheckNodePort: Invalid value"));
+        let mut own = lb_local("d", Some(31001));
+        own["spec"]["ports"][0]["nodePort"] = json!(31001);
+        let own = f.create(own).await.expect_err("own node port");
+        assert_eq!(
+            cause(own),
+            "spec.healthCheckNodePort: Invalid value: 31001: provided port is already allocated"
+        );
+        let outside = f
+            .create(lb_local("e", Some(8080)))
+            .await
+            .expect_err("range");
+        assert_eq!(
+            cause(outside),
+            "spec.healthCheckNodePort: Invalid value: 8080: provided port is not in the valid range. The range of valid ports is 30000-32767"
+        );
+        // Nothing half-written: the failed creates left no claim behind.
+        assert!(!f.held(31001).await);
+    }
+
+    #[tokio::test]
+    async fn updates_keep_refuse_changes_to_and_release_the_health_check_node_port() {
+        let f = fixture();
+        let old = f.create(lb_local("web", None)).await.expect("create");
+        let hc = old["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .expect("allocated");
+
+        // The manifest sent again, without the server's values, keeps them.
+        let mut again = lb_local("web", None);
+        let claimed = f
+            .alloc
+            .assign(svc_res(), &mut again, Some(&old))
+            .await
+            .expect("update");
+        assert_eq!(claimed, Held::default());
+        assert_eq!(again["spec"]["healthCheckNodePort"], hc);
+
+        let mut changed = old.clone();
+        changed["spec"]["healthCheckNodePort"] = json!(hc + 1);
+        let e = f
+            .alloc
+            .assign(svc_res(), &mut changed, Some(&old))
+            .await
+            .expect_err("changed");
+        assert!(
+            cause(e).ends_with(
+                "cannot change healthCheckNodePort on loadBalancer service with externalTraffic=Local during update"
+            )
+        );
+
+        // Leaving Local: admission clears the field, the update frees the port.
+        let mut cluster = old.clone();
+        cluster["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        weir_api::admission::prepare_update(svc_res(), &mut cluster, &old);
+        f.alloc
+            .assign(svc_res(), &mut cluster, Some(&old))
+            .await
+            .expect("to Cluster");
+        assert!(cluster["spec"].get("healthCheckNodePort").is_none());
+        let freed = Held::of(&old).minus(&Held::of(&cluster));
+        assert_eq!(freed.ports, vec![hc as u16]);
+        f.alloc.release(&freed).await;
+        assert!(!f.held(hc).await);
+
+        // Back to Local: a new one is claimed.
+        let mut local = cluster.clone();
+        local["spec"]["externalTrafficPolicy"] = json!("Local");
+        let claimed = f
+            .alloc
+            .assign(svc_res(), &mut local, Some(&cluster))
+            .await
+            .expect("to Local");
+        let hc = local["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .expect("allocated");
+        assert_eq!(claimed.ports, vec![hc as u16]);
+        assert!(f.held(hc).await);
+        // Deleting the Service releases it with its node port.
+        f.alloc.release(&Held::of(&local)).await;
+        assert!(!f.held(hc).await);
     }
 }

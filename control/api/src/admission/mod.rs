@@ -11,5 +11,5 @@ mod validate;
 
 pub use decode::{decode, decode_value, parse_body};
 pub use defaults::default;
-pub use update::prepare_update;
+pub use update::{needs_health_check_node_port, prepare_update};
 pub use validate::validate;

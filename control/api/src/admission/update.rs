@@ -15,6 +15,17 @@ pub fn prepare_update(res: &Resource, obj: &mut Value, old: &Value) {
     }
 }
 
+/// Whether a Service gets a `spec.healthCheckNodePort`: kube's `needsHCNodePort`, true for
+/// `type: LoadBalancer` with `externalTrafficPolicy: Local`, whose nodes answer the cloud load
+/// balancer's health checks on that port.
+pub fn needs_health_check_node_port(svc: &Value) -> bool {
+    service_type(svc) == "LoadBalancer"
+        && svc
+            .pointer("/spec/externalTrafficPolicy")
+            .and_then(Value::as_str)
+            == Some("Local")
+}
+
 fn service_type(obj: &Value) -> &str {
     obj.pointer("/spec/type")
         .and_then(Value::as_str)
@@ -42,15 +53,18 @@ fn service(obj: &mut Value, old: &Value) {
         clear.push("externalTrafficPolicy");
     }
     if new_type != "LoadBalancer" {
-        for field in [
-            "allocateLoadBalancerNodePorts",
-            "loadBalancerClass",
-            "healthCheckNodePort",
-        ] {
+        for field in ["allocateLoadBalancerNodePorts", "loadBalancerClass"] {
             if same(obj, &format!("/spec/{field}")) {
                 clear.push(field);
             }
         }
+    }
+    // Also a LoadBalancer Service that leaves externalTrafficPolicy: Local.
+    if needs_health_check_node_port(old)
+        && !needs_health_check_node_port(obj)
+        && same(obj, "/spec/healthCheckNodePort")
+    {
+        clear.push("healthCheckNodePort");
     }
     if new_type == "ExternalName" {
         if same(obj, "/spec/clusterIP") {
@@ -109,6 +123,35 @@ mod tests {
         assert!(new["spec"]["ports"][0].get("nodePort").is_none());
         assert!(new["spec"].get("externalTrafficPolicy").is_none());
         assert_eq!(new["spec"]["clusterIP"], "10.96.0.7");
+    }
+
+    #[test]
+    fn leaving_load_balancer_local_drops_the_health_check_node_port() {
+        let old = json!({"metadata": {"name": "web", "namespace": "d"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.7", "externalTrafficPolicy": "Local",
+                     "healthCheckNodePort": 30999,
+                     "ports": [{"port": 80, "nodePort": 30080, "protocol": "TCP", "targetPort": 80}]}});
+        assert!(needs_health_check_node_port(&old));
+        for (field, value) in [("externalTrafficPolicy", "Cluster"), ("type", "NodePort")] {
+            let mut new = old.clone();
+            new["spec"][field] = json!(value);
+            assert!(!needs_health_check_node_port(&new));
+            prepare_update(svc(), &mut new, &old);
+            default(svc(), &mut new);
+            assert_eq!(validate(svc(), &new, Some(&old)), Ok(()), "{field}");
+            assert!(new["spec"].get("healthCheckNodePort").is_none(), "{field}");
+            assert_eq!(new["spec"]["ports"][0]["nodePort"], 30080);
+        }
+        // Staying LoadBalancer + Local keeps it.
+        let mut new = old.clone();
+        prepare_update(svc(), &mut new, &old);
+        assert_eq!(new["spec"]["healthCheckNodePort"], 30999);
+        // A value the client changed is judged by validation.
+        let mut new = old.clone();
+        new["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        new["spec"]["healthCheckNodePort"] = json!(31000);
+        prepare_update(svc(), &mut new, &old);
+        assert_eq!(new["spec"]["healthCheckNodePort"], 31000);
     }
 
     #[test]

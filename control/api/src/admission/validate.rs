@@ -516,6 +516,20 @@ fn service(obj: &Value, old: Option<&Value>, errs: &mut Vec<Cause>) {
             );
         }
     }
+    // Unset or 0 on a LoadBalancer + Local Service: the server allocates one after admission.
+    if let Some(hc) = spec.get("healthCheckNodePort").and_then(Value::as_i64)
+        && hc != 0
+    {
+        if super::needs_health_check_node_port(obj) {
+            port_range(errs, "spec.healthCheckNodePort", Some(hc));
+        } else {
+            errs.push(Cause::invalid(
+                "spec.healthCheckNodePort",
+                &json!(hc),
+                "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'",
+            ));
+        }
+    }
     labels(spec.get("selector"), "spec.selector", errs);
     // The server carries an allocated IP over when an update leaves it empty; a different
     // non-empty value is a change.

@@ -123,6 +123,42 @@ fn service_type_ip_and_node_port_checks() {
 }
 
 #[test]
+fn health_check_node_port_only_for_load_balancer_with_local_policy() {
+    let mut svc = service();
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    svc["spec"]["healthCheckNodePort"] = json!(30999);
+    assert_eq!(problems("svc", svc.clone(), None), Vec::<String>::new());
+    svc["spec"]["healthCheckNodePort"] = json!(70000);
+    assert_eq!(
+        problems("svc", svc.clone(), None),
+        ["spec.healthCheckNodePort: Invalid value: 70000: must be between 1 and 65535, inclusive"]
+    );
+    // Unset and 0 both ask the server for one.
+    svc["spec"]["healthCheckNodePort"] = json!(0);
+    assert_eq!(problems("svc", svc.clone(), None), Vec::<String>::new());
+
+    let only =
+        "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'";
+    svc["spec"]["healthCheckNodePort"] = json!(30999);
+    svc["spec"]["externalTrafficPolicy"] = json!("Cluster");
+    assert_eq!(
+        problems("svc", svc.clone(), None),
+        [format!(
+            "spec.healthCheckNodePort: Invalid value: 30999: {only}"
+        )]
+    );
+    svc["spec"]["type"] = json!("NodePort");
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    assert_eq!(
+        problems("svc", svc, None),
+        [format!(
+            "spec.healthCheckNodePort: Invalid value: 30999: {only}"
+        )]
+    );
+}
+
+#[test]
 fn service_cluster_ip_is_immutable() {
     let mut old = service();
     old["spec"]["clusterIP"] = json!("10.96.0.10");
