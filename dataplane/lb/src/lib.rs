@@ -5,9 +5,11 @@
 //! (what the maps should hold) → [`plan::plan`] (the diff against a mirror of the maps) →
 //! [`maps::LbMaps::apply`] (only those writes). The BPF side is `ebpf/lb-ebpf`: socket hooks on
 //! a cgroup ([`load_and_attach`]) and, for traffic from outside the node to NodePorts and
-//! externalIPs, tc programs on the node's external interfaces ([`tc`]).
+//! externalIPs, tc programs on the node's external interfaces ([`tc`]). [`health`] serves the
+//! `healthCheckNodePort`s of `externalTrafficPolicy: Local` LoadBalancer Services.
 
 mod batch;
+pub mod health;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
@@ -280,6 +282,8 @@ pub async fn run(
             seed: args.maglev_seed,
         },
     )?;
+    // kube-proxy's service health server, on the addresses NodePorts are served on.
+    let health = health::HealthServer::new(&node_ips, shutdown.clone());
     let cfg = ModelConfig {
         node_name: args.node_name,
         node_ips,
@@ -294,7 +298,16 @@ pub async fn run(
     }
     // Connected UDP sockets left on a removed backend are destroyed, so they reconnect.
     let stale = watch::stale::StaleUdp::new(&args.bpf_root, &cgroup);
-    watch::run_with(client, syncer, cfg, metrics, Some(stale), shutdown).await
+    watch::run_with(
+        client,
+        syncer,
+        cfg,
+        metrics,
+        Some(stale),
+        Some(health),
+        shutdown,
+    )
+    .await
 }
 
 /// The `--devices` and `--node-ip` in effect: given ones as they are, missing ones detected.

@@ -2,7 +2,9 @@
 //! A change to a Service or to one of its slices re-derives that Service's frontends only and
 //! hands them to [`Syncer::sync_scoped`]; the initial list, a re-list and a periodic safety net
 //! re-derive everything and write whatever differs. After each sync, connected UDP sockets
-//! left aimed at backends that went away are destroyed ([`stale`]).
+//! left aimed at backends that went away are destroyed ([`stale`]), and the health check
+//! listeners of `externalTrafficPolicy: Local` Services follow the same snapshot
+//! ([`crate::health`]).
 
 pub mod stale;
 
@@ -17,6 +19,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use tokio_util::sync::CancellationToken;
 
+use crate::health::{HealthServer, health_checks};
 use crate::metrics::LbMetrics;
 use crate::model::{Desired, Frontend, ModelConfig, desired};
 use crate::plan::service_keys;
@@ -48,7 +51,7 @@ fn touch_of<K: kube::Resource>(
     }
 }
 
-/// Follows the API server until `shutdown`, without the stale-UDP sweep.
+/// Follows the API server until `shutdown`, without the stale-UDP sweep and health checks.
 pub async fn run(
     client: kube::Client,
     syncer: Syncer,
@@ -56,17 +59,19 @@ pub async fn run(
     metrics: LbMetrics,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    run_with(client, syncer, cfg, metrics, None, shutdown).await
+    run_with(client, syncer, cfg, metrics, None, None, shutdown).await
 }
 
 /// Follows the API server until `shutdown`; with `stale`, each sync that takes a backend out
-/// of a UDP Service also destroys the connected sockets still aimed at it.
+/// of a UDP Service also destroys the connected sockets still aimed at it; with `health`, the
+/// health check listeners follow the Services after each sync.
 pub async fn run_with(
     client: kube::Client,
     mut syncer: Syncer,
     cfg: ModelConfig,
     metrics: LbMetrics,
     stale: Option<StaleUdp>,
+    health: Option<HealthServer>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let (svc_store, svc_writer) = reflector::store::<Service>();
@@ -119,6 +124,7 @@ pub async fn run_with(
     let mut ticker = tokio::time::interval(METRICS_EVERY);
     let mut state = WatchState {
         stale,
+        health,
         ..WatchState::default()
     };
     let mut ticks = 0u32;
@@ -182,6 +188,7 @@ struct WatchState {
     /// Service id → Service port, for metrics labels.
     names: HashMap<u32, std::sync::Arc<crate::model::ServiceRef>>,
     stale: Option<StaleUdp>,
+    health: Option<HealthServer>,
 }
 
 impl WatchState {
@@ -192,11 +199,15 @@ impl WatchState {
         eps: &Store<EndpointSlice>,
         cfg: &ModelConfig,
     ) {
-        let (want, problems) = desired(&svcs.state(), &eps.state(), cfg);
+        let (services, slices) = (svcs.state(), eps.state());
+        let (want, problems) = desired(&services, &slices, cfg);
         report(problems);
         let before = self.stale.as_ref().map(|_| UdpPairs::all(syncer.state()));
         let result = syncer.sync(&want);
         self.sweep(before, || UdpPairs::all(syncer.state()));
+        if let Some(health) = &mut self.health {
+            health.sync_all(health_checks(&services, &slices, cfg.node_name.as_deref()));
+        }
         self.fronts.clear();
         self.names.clear();
         self.record(syncer, &want);
@@ -247,6 +258,10 @@ impl WatchState {
             .map(|_| UdpPairs::of(syncer.state(), scope()));
         let result = syncer.sync_scoped(&want, &removable);
         self.sweep(before, || UdpPairs::of(syncer.state(), scope()));
+        if let Some(health) = &mut self.health {
+            let checks = health_checks(&services, &slices, cfg.node_name.as_deref());
+            health.sync_some(&touched, checks);
+        }
         self.record(syncer, &want);
         self.done(result, want.len());
     }
@@ -276,6 +291,11 @@ impl WatchState {
     }
 
     fn done(&mut self, result: Result<usize, Error>, frontends: usize) {
+        // Maps short of room still serve everything else: only a failed write fails the
+        // health checks (kube-proxy's failed sync does the same through its healthz).
+        if let Some(health) = &self.health {
+            health.set_proxy_healthy(!matches!(&result, Err(e) if !matches!(e, Error::Full(_))));
+        }
         match result {
             Ok(n) => {
                 self.failed = false;
