@@ -1830,3 +1830,44 @@ async fn an_h2_body_whose_start_came_with_the_request_is_forwarded_with_the_rest
     assert!(read.is_ok(), "response incomplete: {got:?}");
     assert_eq!(String::from_utf8_lossy(&got), "first later");
 }
+
+#[tokio::test]
+async fn an_h2_client_gets_each_part_of_a_streamed_response_as_the_upstream_sends_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = listener.local_addr().expect("addr");
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("accept");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if s.read_exact(&mut b).await.is_err() {
+                return;
+            }
+            head.push(b[0]);
+        }
+        let first = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n6\r\nevent1\r\n";
+        s.write_all(first).await.expect("write");
+        // An event stream between events: nothing more until the test has seen the first.
+        let _ = wait.await;
+        s.write_all(b"6\r\nevent2\r\n0\r\n\r\n")
+            .await
+            .expect("write");
+        let _ = s.read(&mut [0u8; 1]).await;
+    });
+    let h = Harness::serving(&[], &[up]).await;
+    let resp = h2c_client()
+        .request(h2_get(h.url("/events")))
+        .await
+        .expect("response");
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("the first event arrives while the upstream waits")
+        .expect("a frame")
+        .expect("data");
+    assert_eq!(first.data_ref().map(|d| &d[..]), Some(&b"event1"[..]));
+    go.send(()).expect("upstream waiting");
+    let rest = body.collect().await.expect("rest").to_bytes();
+    assert_eq!(&rest[..], b"event2");
+}
