@@ -502,7 +502,17 @@ impl Allocator {
             .filter(|o| needs_node_ports(o))
             .and_then(|o| o["spec"]["ports"].as_array().cloned())
             .unwrap_or_default();
-        let old_held: Vec<u16> = old.map(|o| Held::of(o).ports).unwrap_or_default();
+        // What the stored object holds may be reused as a node port, except a health check
+        // node port the Service keeps (it cannot be both).
+        let kept_health_port = old
+            .filter(|o| needs_health_check_node_port(o) && needs_health_check_node_port(svc))
+            .and_then(|o| o["spec"]["healthCheckNodePort"].as_u64());
+        let old_held: Vec<u16> = old
+            .map(|o| Held::of(o).ports)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| Some(u64::from(*p)) != kept_health_port)
+            .collect();
         let Some(ports) = svc["spec"]["ports"].as_array_mut() else {
             return Ok(());
         };
@@ -883,5 +893,68 @@ mod tests {
         // Deleting the Service releases it with its node port.
         f.alloc.release(&Held::of(&local)).await;
         assert!(!f.held(hc).await);
+    }
+
+    #[tokio::test]
+    async fn an_update_cannot_make_the_health_check_node_port_a_node_port_too() {
+        let f = fixture();
+        let old = f.create(lb_local("web", None)).await.expect("create");
+        let hc = old["spec"]["healthCheckNodePort"].clone();
+        let mut both = old.clone();
+        both["spec"]["ports"][0]["nodePort"] = hc.clone();
+        let e = f
+            .alloc
+            .assign(svc_res(), &mut both, Some(&old))
+            .await
+            .expect_err("one port, two uses");
+        assert_eq!(
+            cause(e),
+            format!(
+                "spec.ports[0].nodePort: Invalid value: {hc}: provided port is already allocated"
+            )
+        );
+        // Leaving Local hands the port over: it may become a node port in the same update.
+        let node_port = old["spec"]["ports"][0]["nodePort"]
+            .as_u64()
+            .expect("node port");
+        let mut cluster = both.clone();
+        cluster["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        cluster["spec"]["healthCheckNodePort"] = hc.clone();
+        weir_api::admission::prepare_update(svc_res(), &mut cluster, &old);
+        let claimed = f
+            .alloc
+            .assign(svc_res(), &mut cluster, Some(&old))
+            .await
+            .expect("to Cluster");
+        assert_eq!(claimed, Held::default());
+        assert_eq!(cluster["spec"]["ports"][0]["nodePort"], hc);
+        assert!(cluster["spec"].get("healthCheckNodePort").is_none());
+        assert_eq!(
+            Held::of(&old).minus(&Held::of(&cluster)).ports,
+            vec![node_port as u16]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_restarted_allocator_knows_the_health_check_node_ports_in_use() {
+        let f = fixture();
+        let svc = f.create(lb_local("web", None)).await.expect("create");
+        let hc = svc["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .expect("allocated");
+        // A new allocator over the same store, as after an API server restart.
+        let again = Allocator::new(f.store.clone(), ServiceCidr::default(), 30000..=32767);
+        let mut other = lb_local("other", None);
+        other["spec"]["ports"][0]["nodePort"] = json!(hc);
+        let e = again
+            .create(svc_res(), other, "/registry/services/specs/d/other")
+            .await
+            .expect_err("held");
+        assert_eq!(
+            cause(e),
+            format!(
+                "spec.ports[0].nodePort: Invalid value: {hc}: provided port is already allocated"
+            )
+        );
     }
 }
