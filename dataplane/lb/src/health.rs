@@ -13,11 +13,15 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use tokio_util::sync::CancellationToken;
@@ -119,13 +123,15 @@ pub fn health_checks(
 /// What the handlers read.
 #[derive(Default)]
 struct Shared {
-    counts: Mutex<HashMap<ServiceName, usize>>,
+    /// Each open port's Service and its local endpoint count.
+    served: Mutex<HashMap<u16, (Arc<ServiceName>, usize)>>,
     /// kube-proxy's `serviceProxyHealthy`: here, whether the last sync wrote the maps.
     proxy_healthy: AtomicBool,
 }
 
+/// The listeners of one port, at every node address.
 struct Listening {
-    port: u16,
+    service: ServiceName,
     stop: CancellationToken,
 }
 
@@ -134,7 +140,9 @@ pub struct HealthServer {
     addrs: Vec<IpAddr>,
     shared: Arc<Shared>,
     want: BTreeMap<ServiceName, HealthCheck>,
-    open: HashMap<ServiceName, Listening>,
+    /// By port, not Service: listeners close asynchronously, so a port that moves from one
+    /// Service to another in one sync keeps its listener instead of failing to bind again.
+    open: HashMap<u16, Listening>,
     shutdown: CancellationToken,
 }
 
@@ -186,42 +194,47 @@ impl HealthServer {
         self.shared.proxy_healthy.store(healthy, Ordering::Relaxed);
     }
 
-    /// Closes listeners no longer wanted (or moved to another port), opens missing ones,
-    /// which retries those that could not be bound before, and publishes the counts.
+    /// Closes listeners of ports no longer wanted, publishes what each port answers, and
+    /// opens missing ones, which retries those that could not be bound before.
     fn reconcile(&mut self) {
-        self.open.retain(|name, l| {
-            let keep = self.want.get(name).is_some_and(|hc| hc.port == l.port);
+        let mut by_port: BTreeMap<u16, (&ServiceName, usize)> = BTreeMap::new();
+        for (name, hc) in &self.want {
+            // The API server gives a port to one Service only; should two still ask for it,
+            // the first keeps it, as kube-proxy's second bind would fail.
+            if let Some((first, _)) = by_port.get(&hc.port) {
+                tracing::warn!(service = %show(name), port = hc.port, other = %show(first), "health check port claimed twice");
+                continue;
+            }
+            by_port.insert(hc.port, (name, hc.local_endpoints));
+        }
+        self.open.retain(|port, l| {
+            let keep = by_port.contains_key(port);
             if !keep {
-                tracing::info!(service = %format!("{}/{}", name.0, name.1), port = l.port, "closing health check");
+                tracing::info!(service = %show(&l.service), port, "closing health check");
                 l.stop.cancel();
             }
             keep
         });
-        if let Ok(mut counts) = self.shared.counts.lock() {
-            *counts = self
-                .want
+        if let Ok(mut served) = self.shared.served.lock() {
+            *served = by_port
                 .iter()
-                .map(|(name, hc)| (name.clone(), hc.local_endpoints))
+                .map(|(port, (name, count))| (*port, (Arc::new((*name).clone()), *count)))
                 .collect();
         }
-        for (name, hc) in &self.want {
-            if self.open.contains_key(name) {
+        for (&port, (name, _)) in &by_port {
+            if let Some(l) = self.open.get_mut(&port) {
+                l.service.clone_from(name);
                 continue;
             }
-            match self.listen(name, hc.port) {
+            match self.listen(port) {
                 Ok(stop) => {
-                    tracing::info!(service = %format!("{}/{}", name.0, name.1), port = hc.port, "serving health check");
-                    self.open.insert(
-                        name.clone(),
-                        Listening {
-                            port: hc.port,
-                            stop,
-                        },
-                    );
+                    tracing::info!(service = %show(name), port, "serving health check");
+                    let service = (*name).clone();
+                    self.open.insert(port, Listening { service, stop });
                 }
                 Err(e) => tracing::warn!(
-                    service = %format!("{}/{}", name.0, name.1),
-                    port = hc.port,
+                    service = %show(name),
+                    port,
                     error = %e,
                     "could not open health check port; retrying on the next change"
                 ),
@@ -229,8 +242,8 @@ impl HealthServer {
         }
     }
 
-    /// Binds `port` on every address (all or none) and serves `name`'s health check there.
-    fn listen(&self, name: &ServiceName, port: u16) -> std::io::Result<CancellationToken> {
+    /// Binds `port` on every address (all or none) and serves whichever Service has it.
+    fn listen(&self, port: u16) -> std::io::Result<CancellationToken> {
         let listeners = self
             .addrs
             .iter()
@@ -243,34 +256,67 @@ impl HealthServer {
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         let stop = self.shutdown.child_token();
+        let app = Router::new()
+            .fallback(answer)
+            .with_state((self.shared.clone(), port));
         for listener in listeners {
-            let app = Router::new()
-                .fallback(answer)
-                .with_state((self.shared.clone(), Arc::new(name.clone())));
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                {
-                    tracing::warn!(error = %e, "health check listener stopped");
-                }
-            });
+            tokio::spawn(serve(listener, app.clone(), stop.clone()));
         }
         Ok(stop)
     }
 }
 
+fn show((namespace, name): &ServiceName) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// Serves HTTP/1.1 (kube-proxy's Go server speaks no cleartext HTTP/2) on `listener` until
+/// `stop`, which also drops every open connection, as kube-proxy's `http.Server.Close` does:
+/// a closed health check leaves no task or socket behind, however its clients behave.
+async fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, typically: retrying at once would spin.
+                    tracing::warn!(error = %e, "health check accept failed");
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        // A client that never finishes its request headers is dropped after 30 s.
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                done = conn => if let Err(e) = done {
+                    tracing::debug!(error = %e, "health check connection ended");
+                },
+            }
+        });
+    }
+}
+
 /// The reply kube-proxy gives, byte for byte in the body.
-async fn answer(
-    State((shared, name)): State<(Arc<Shared>, Arc<ServiceName>)>,
-) -> impl IntoResponse {
-    let count = shared
-        .counts
+async fn answer(State((shared, port)): State<(Arc<Shared>, u16)>) -> Response {
+    let served = shared
+        .served
         .lock()
         .ok()
-        .and_then(|c| c.get(name.as_ref()).copied())
-        .unwrap_or(0);
+        .and_then(|s| s.get(&port).cloned());
+    // The port is closing; kube-proxy answers nothing here either.
+    let Some((name, count)) = served else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
     let healthy = shared.proxy_healthy.load(Ordering::Relaxed);
     let status = if count != 0 && healthy {
         StatusCode::OK
@@ -285,6 +331,7 @@ async fn answer(
         ],
         body(&name.0, &name.1, count, healthy),
     )
+        .into_response()
 }
 
 /// kube-proxy's body: tab-indented, no trailing newline. Namespaces and names are DNS labels,

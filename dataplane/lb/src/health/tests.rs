@@ -254,7 +254,7 @@ async fn a_port_in_use_is_retried_on_the_next_change() {
     // The busy port does not keep the other Service's check from being served.
     server.sync_all(want(1));
     assert_eq!(get(free_port, "/").await.expect("GET").0, 200);
-    assert!(!server.open.contains_key(&busy));
+    assert!(!server.open.contains_key(&port));
 
     drop(squatter);
     // A change to another Service retries it.
@@ -276,4 +276,131 @@ async fn a_port_in_use_is_retried_on_the_next_change() {
         2
     );
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_port_moved_to_another_service_is_served_for_it_at_once() {
+    let shutdown = CancellationToken::new();
+    let mut server = HealthServer::new(&[Ipv4Addr::LOCALHOST], shutdown.clone());
+    let port = free_port();
+    let check = |local_endpoints| HealthCheck {
+        port,
+        local_endpoints,
+    };
+    server.sync_all(BTreeMap::from([(name("old"), check(1))]));
+    assert_eq!(
+        get(port, "/").await.expect("GET").3["service"]["name"],
+        "old"
+    );
+    // One sync deletes the old Service and adds a new one the API server gave its port.
+    server.sync_all(BTreeMap::from([(name("new"), check(2))]));
+    let (status, _, _, body) = get(port, "/").await.expect("GET");
+    assert_eq!((status, &body["service"]["name"]), (200, &json!("new")));
+    assert_eq!(body["localEndpoints"], 2);
+    shutdown.cancel();
+}
+
+/// Reads `stream` until the server closes it; false if it is still open after 10 s.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let read_to_end = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_to_end)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn closing_a_health_check_closes_its_connections_too() {
+    use tokio::io::AsyncWriteExt;
+    let shutdown = CancellationToken::new();
+    let mut server = HealthServer::new(&[Ipv4Addr::LOCALHOST], shutdown.clone());
+    let port = free_port();
+    let want = BTreeMap::from([(
+        name("web"),
+        HealthCheck {
+            port,
+            local_endpoints: 1,
+        },
+    )]);
+    server.sync_all(want.clone());
+    // A client that never finishes its request, and one that sends garbage.
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stalled
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut garbage = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    garbage
+        .write_all(b"\x16\x03\x01\x00\xa5garbage\r\n\r\n")
+        .await
+        .expect("write");
+    assert!(closed_by_server(&mut garbage).await, "garbage left open");
+    // The server still answers.
+    assert_eq!(get(port, "/").await.expect("GET").0, 200);
+
+    // HEAD: kube-proxy's status and headers, no body.
+    let mut head = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    head.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut reply = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut head, &mut reply)
+        .await
+        .expect("read");
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(
+        reply.contains("content-type: application/json\r\n"),
+        "{reply}"
+    );
+    assert!(reply.ends_with("\r\n\r\n"), "{reply}");
+
+    // Another Service's check stays up while this one closes, then shutdown closes it.
+    let other_port = free_port();
+    let mut want = want;
+    want.insert(
+        name("other"),
+        HealthCheck {
+            port: other_port,
+            local_endpoints: 0,
+        },
+    );
+    server.sync_all(want);
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", other_port))
+        .await
+        .expect("connect");
+    server.sync_all(BTreeMap::from([(
+        name("other"),
+        HealthCheck {
+            port: other_port,
+            local_endpoints: 0,
+        },
+    )]));
+    assert!(
+        closed_by_server(&mut stalled).await,
+        "stalled client left open"
+    );
+    assert_eq!(get(other_port, "/").await.expect("GET").0, 503);
+    shutdown.cancel();
+    assert!(closed_by_server(&mut idle).await, "idle client left open");
+    eventually("every health check port closed", async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", other_port))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
 }
