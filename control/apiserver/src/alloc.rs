@@ -580,8 +580,8 @@ impl Allocator {
 
     /// `spec.healthCheckNodePort` of a LoadBalancer + Local Service, as kube's
     /// `allocHealthCheckNodePort`/`updateHealthCheckNodePort`: a given value is claimed, an
-    /// unset one picked (or, on update, kept), and it may not change while the Service stays
-    /// LoadBalancer + Local. A Service that stops needing it has it cleared by admission
+    /// unset one picked (or, on update, kept: admission refuses a change while the Service
+    /// stays LoadBalancer + Local). A Service that stops needing it has it cleared by admission
     /// (`prepare_update`), so [`Held::minus`] releases it.
     async fn assign_health_check_port(
         &self,
@@ -615,14 +615,8 @@ impl Allocator {
             .filter_map(|p| p["nodePort"].as_u64())
             .collect();
         let n = match (old_port, asked) {
-            (Some(o), Some(a)) if o != a => {
-                return Err(invalid(
-                    FIELD,
-                    json!(a),
-                    "cannot change healthCheckNodePort on loadBalancer service with externalTraffic=Local during update",
-                ));
-            }
-            // Clients that send the manifest again omit the value the server picked.
+            // Clients that send the manifest again omit the value the server picked; admission
+            // refused another one (it is immutable).
             (Some(o), _) => o,
             (None, Some(a)) => {
                 let Ok(n) = u16::try_from(a) else {
@@ -833,7 +827,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn updates_keep_refuse_changes_to_and_release_the_health_check_node_port() {
+    async fn updates_keep_and_release_the_health_check_node_port() {
         let f = fixture();
         let old = f.create(lb_local("web", None)).await.expect("create");
         let hc = old["spec"]["healthCheckNodePort"]
@@ -849,19 +843,6 @@ mod tests {
             .expect("update");
         assert_eq!(claimed, Held::default());
         assert_eq!(again["spec"]["healthCheckNodePort"], hc);
-
-        let mut changed = old.clone();
-        changed["spec"]["healthCheckNodePort"] = json!(hc + 1);
-        let e = f
-            .alloc
-            .assign(svc_res(), &mut changed, Some(&old))
-            .await
-            .expect_err("changed");
-        assert!(
-            cause(e).ends_with(
-                "cannot change healthCheckNodePort on loadBalancer service with externalTraffic=Local during update"
-            )
-        );
 
         // Leaving Local: admission clears the field, the update frees the port.
         let mut cluster = old.clone();

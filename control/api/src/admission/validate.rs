@@ -522,6 +522,15 @@ fn service(obj: &Value, old: Option<&Value>, errs: &mut Vec<Cause>) {
     {
         if super::needs_health_check_node_port(obj) {
             port_range(errs, "spec.healthCheckNodePort", Some(hc));
+            // Kubernetes' validateServiceExternalTrafficFieldsUpdate.
+            if let Some(old) = old.filter(|o| super::needs_health_check_node_port(o))
+                && old
+                    .pointer("/spec/healthCheckNodePort")
+                    .and_then(Value::as_i64)
+                    != Some(hc)
+            {
+                errs.push(Cause::forbidden("spec.healthCheckNodePort", IMMUTABLE));
+            }
         } else {
             errs.push(Cause::invalid(
                 "spec.healthCheckNodePort",

@@ -159,6 +159,33 @@ fn health_check_node_port_only_for_load_balancer_with_local_policy() {
 }
 
 #[test]
+fn health_check_node_port_is_immutable_while_load_balancer_local() {
+    let mut old = service();
+    old["spec"]["type"] = json!("LoadBalancer");
+    old["spec"]["externalTrafficPolicy"] = json!("Local");
+    old["spec"]["healthCheckNodePort"] = json!(30999);
+    let mut new = old.clone();
+    new["spec"]["healthCheckNodePort"] = json!(31000);
+    assert_eq!(
+        problems("svc", new.clone(), Some(&old)),
+        ["spec.healthCheckNodePort: Forbidden: field is immutable"]
+    );
+    // Unset, it is carried over by the server; leaving Local may drop it.
+    new["spec"]["healthCheckNodePort"] = json!(0);
+    assert_eq!(problems("svc", new, Some(&old)), Vec::<String>::new());
+    // Old and new both LoadBalancer + Local only: a Service entering Local may ask for one.
+    let mut cluster = old.clone();
+    cluster["spec"]["externalTrafficPolicy"] = json!("Cluster");
+    cluster["spec"]
+        .as_object_mut()
+        .map(|s| s.remove("healthCheckNodePort"));
+    let mut local = cluster.clone();
+    local["spec"]["externalTrafficPolicy"] = json!("Local");
+    local["spec"]["healthCheckNodePort"] = json!(31000);
+    assert_eq!(problems("svc", local, Some(&cluster)), Vec::<String>::new());
+}
+
+#[test]
 fn service_cluster_ip_is_immutable() {
     let mut old = service();
     old["spec"]["clusterIP"] = json!("10.96.0.10");
