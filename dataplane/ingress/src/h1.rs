@@ -15,6 +15,9 @@
 //! until close). Their hop-by-hop headers are removed; `Transfer-Encoding` stays, as the
 //! chunked bytes are forwarded unchanged, and a `Content-Length` beside it goes. An
 //! undated response gets a `Date`, as hyper gives one.
+//!
+//! The upstream half — `exchange` and the response-head parser, which writes through a
+//! `ResponseHead` — also forwards h2 requests that hyper parsed ([`crate::raw`]).
 
 use std::io::{self, IoSlice, Write as _};
 use std::pin::Pin;

@@ -4,7 +4,8 @@
 //! Data flow: API server → [`watch`] (kube-rs reflectors) → [`table::Snapshot`] →
 //! [`table::Builder::build`] (pure) → `ArcSwap<Table>` → per request, on connections
 //! accepted by [`server`]: the plain HTTP/1.1 fast path [`h1`], or hyper and
-//! [`proxy::Proxy::handle`] for everything else. A change swaps the table; nothing reloads, and
+//! [`proxy::Proxy::handle`] for everything else (whose h2 requests to HTTP/1.1 backends
+//! mostly go out over the fast path's upstream sockets, [`raw`]). A change swaps the table; nothing reloads, and
 //! in-flight requests, keep-alive connections and WebSockets are untouched.
 //!
 //! Entry points: [`run`] (watch + serve, for `weir up` and `weir ingress`), and

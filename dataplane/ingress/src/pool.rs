@@ -9,7 +9,7 @@
 //!
 //! Two kinds of connection are pooled: `hyper::client::conn::http1` senders for requests
 //! served through hyper ([`Pool::send`]), and plain sockets ([`Upstream`]) for the
-//! HTTP/1.1 fast path in [`crate::h1`].
+//! HTTP/1.1 fast path in [`crate::h1`] and the h2 requests [`crate::raw`] forwards.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! h2 requests that hyper parsed, forwarded over the fast path's plain upstream sockets
 //! ([`crate::pool::Upstream`]) instead of through hyper's HTTP/1.1 client: no task or
 //! channel per upstream connection, and the head, serialized once, serves every retry.
-//! The response head is parsed by the fast path's parser ([`crate::h1::exchange`]) into an
+//! The response head is parsed by the fast path's parser (`h1::exchange`) into an
 //! [`http::Response`], and [`RawBody`] decodes the body from its HTTP/1.1 framing
 //! (length, chunked with trailers, or until close) into h2 DATA frames.
 //!
