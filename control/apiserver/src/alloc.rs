@@ -252,12 +252,22 @@ impl Allocator {
         Ok(ip)
     }
 
-    /// A free node port claimed now, or a random candidate for the write of the object.
-    async fn pick_port(&self, mode: &mut Mode<'_>, owner: &str) -> Result<u16, ApiError> {
+    /// A free node port other than `avoid` (ports the Service uses otherwise) claimed now,
+    /// or a random candidate for the write of the object.
+    async fn pick_port(
+        &self,
+        mode: &mut Mode<'_>,
+        owner: &str,
+        avoid: &[u16],
+    ) -> Result<u16, ApiError> {
         let Mode::Defer(pending) = mode else {
-            return self.allocate_port(owner).await;
+            return self.allocate_port(owner, avoid).await;
         };
-        let port = rand::rng().random_range(self.node_ports.clone());
+        let port = (0..CREATE_TRIES)
+            .map(|_| rand::rng().random_range(self.node_ports.clone()))
+            .chain(self.node_ports.clone())
+            .find(|p| !avoid.contains(p))
+            .ok_or_else(|| self.ports_full())?;
         pending.push(Pending {
             key: format!("{PORT_PREFIX}{port}"),
             value: owner_value(owner),
@@ -356,22 +366,23 @@ impl Allocator {
         )))
     }
 
-    async fn allocate_port(&self, owner: &str) -> Result<u16, ApiError> {
+    async fn allocate_port(&self, owner: &str, avoid: &[u16]) -> Result<u16, ApiError> {
         let (lo, hi) = (*self.node_ports.start(), *self.node_ports.end());
-        for _ in 0..64 {
-            let port = rand::rng().random_range(lo..=hi);
+        let random = (0..64).map(|_| rand::rng().random_range(lo..=hi));
+        for port in random.chain(lo..=hi).filter(|p| !avoid.contains(p)) {
             if self.claim(format!("{PORT_PREFIX}{port}"), owner).await? {
                 return Ok(port);
             }
         }
-        for port in lo..=hi {
-            if self.claim(format!("{PORT_PREFIX}{port}"), owner).await? {
-                return Ok(port);
-            }
-        }
-        Err(ApiError::internal(&format!(
-            "failed to allocate a nodePort: range {lo}-{hi} is full"
-        )))
+        Err(self.ports_full())
+    }
+
+    fn ports_full(&self) -> ApiError {
+        ApiError::internal(&format!(
+            "failed to allocate a nodePort: range {}-{} is full",
+            self.node_ports.start(),
+            self.node_ports.end()
+        ))
     }
 
     /// Fill in and claim the cluster IP and node ports of `svc`, keeping what `old` (the
@@ -513,6 +524,13 @@ impl Allocator {
             .into_iter()
             .filter(|p| Some(u64::from(*p)) != kept_health_port)
             .collect();
+        // A health check node port the client asks for is no node port candidate.
+        let asked_health_port: Vec<u16> = svc["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .filter(|_| needs_health_check_node_port(svc))
+            .and_then(|n| u16::try_from(n).ok())
+            .into_iter()
+            .collect();
         let Some(ports) = svc["spec"]["ports"].as_array_mut() else {
             return Ok(());
         };
@@ -565,7 +583,7 @@ impl Allocator {
                     let n = match kept {
                         Some(n) if !claimed.ports.contains(&n) => n,
                         _ => {
-                            let n = self.pick_port(mode, &owner).await?;
+                            let n = self.pick_port(mode, &owner, &asked_health_port).await?;
                             claimed.ports.push(n);
                             n
                         }
@@ -608,11 +626,12 @@ impl Allocator {
             .as_u64()
             .filter(|n| *n != 0);
         // One of this Service's own node ports is as taken as anyone else's.
-        let own_ports: Vec<u64> = svc["spec"]["ports"]
+        let own_ports: Vec<u16> = svc["spec"]["ports"]
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|p| p["nodePort"].as_u64())
+            .filter_map(|p| u16::try_from(p).ok())
             .collect();
         let n = match (old_port, asked) {
             // Clients that send the manifest again omit the value the server picked; admission
@@ -627,7 +646,7 @@ impl Allocator {
                     ));
                 };
                 let taken = || invalid(FIELD, json!(n), "provided port is already allocated");
-                if own_ports.contains(&a) {
+                if own_ports.contains(&n) {
                     return Err(taken());
                 }
                 let held_before = old.is_some_and(|o| Held::of(o).ports.contains(&n));
@@ -650,18 +669,7 @@ impl Allocator {
                 u64::from(n)
             }
             (None, None) => {
-                let mut n = self.pick_port(mode, owner).await?;
-                // Picked for the same write as the Service's new node ports (on create),
-                // a random port may be one of them; a claimed one cannot be.
-                for _ in 0..CREATE_TRIES {
-                    if !own_ports.contains(&u64::from(n)) {
-                        break;
-                    }
-                    if let Mode::Defer(pending) = mode {
-                        pending.pop();
-                    }
-                    n = self.pick_port(mode, owner).await?;
-                }
+                let n = self.pick_port(mode, owner, &own_ports).await?;
                 claimed.ports.push(n);
                 u64::from(n)
             }
@@ -937,5 +945,53 @@ mod tests {
                 "spec.ports[0].nodePort: Invalid value: {hc}: provided port is already allocated"
             )
         );
+    }
+
+    #[tokio::test]
+    async fn a_crowded_range_still_gives_each_port_its_own_value() {
+        // Three ports to find in a range of three: random picks collide often, and every
+        // create must still end with three distinct, claimed values.
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store: Arc<dyn Store> = Arc::new(
+                weir_store::EmbeddedStore::open(dir.path().join("db")).expect("embedded store"),
+            );
+            let alloc = Allocator::new(store.clone(), ServiceCidr::default(), 30000..=30002);
+            let mut svc = lb_local("web", None);
+            svc["spec"]["ports"] = json!([{"name": "a", "port": 80, "protocol": "TCP"},
+                                          {"name": "b", "port": 81, "protocol": "TCP"}]);
+            let svc = alloc
+                .create(svc_res(), svc, "/registry/services/specs/d/web")
+                .await
+                .expect("create");
+            let mut ports = Held::of(&svc).ports;
+            ports.sort_unstable();
+            assert_eq!(ports, [30000, 30001, 30002], "{svc}");
+            for p in ports {
+                let key = format!("{PORT_PREFIX}{p}");
+                assert!(store.get(&key).await.expect("get").is_some(), "{p}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_requested_health_check_node_port_is_not_also_picked_as_a_node_port() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store: Arc<dyn Store> = Arc::new(
+                weir_store::EmbeddedStore::open(dir.path().join("db")).expect("embedded store"),
+            );
+            let alloc = Allocator::new(store, ServiceCidr::default(), 30000..=30001);
+            let svc = alloc
+                .create(
+                    svc_res(),
+                    lb_local("web", Some(30001)),
+                    "/registry/services/specs/d/web",
+                )
+                .await
+                .expect("create");
+            assert_eq!(svc["spec"]["ports"][0]["nodePort"], 30000);
+            assert_eq!(svc["spec"]["healthCheckNodePort"], 30001);
+        }
     }
 }
