@@ -724,12 +724,16 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with(30000..=32767)
+    }
+
+    fn fixture_with(node_ports: RangeInclusive<u16>) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let store: Arc<dyn Store> = Arc::new(
             weir_store::EmbeddedStore::open(dir.path().join("db")).expect("embedded store"),
         );
         Fixture {
-            alloc: Allocator::new(store.clone(), ServiceCidr::default(), 30000..=32767),
+            alloc: Allocator::new(store.clone(), ServiceCidr::default(), node_ports),
             store,
             _dir: dir,
         }
@@ -952,42 +956,27 @@ mod tests {
         // Three ports to find in a range of three: random picks collide often, and every
         // create must still end with three distinct, claimed values.
         for _ in 0..10 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let store: Arc<dyn Store> = Arc::new(
-                weir_store::EmbeddedStore::open(dir.path().join("db")).expect("embedded store"),
-            );
-            let alloc = Allocator::new(store.clone(), ServiceCidr::default(), 30000..=30002);
+            let f = fixture_with(30000..=30002);
             let mut svc = lb_local("web", None);
             svc["spec"]["ports"] = json!([{"name": "a", "port": 80, "protocol": "TCP"},
                                           {"name": "b", "port": 81, "protocol": "TCP"}]);
-            let svc = alloc
-                .create(svc_res(), svc, "/registry/services/specs/d/web")
-                .await
-                .expect("create");
+            let svc = f.create(svc).await.expect("create");
             let mut ports = Held::of(&svc).ports;
             ports.sort_unstable();
             assert_eq!(ports, [30000, 30001, 30002], "{svc}");
             for p in ports {
-                let key = format!("{PORT_PREFIX}{p}");
-                assert!(store.get(&key).await.expect("get").is_some(), "{p}");
+                assert!(f.held(p.into()).await, "{p}");
             }
         }
     }
 
     #[tokio::test]
     async fn a_requested_health_check_node_port_is_not_also_picked_as_a_node_port() {
+        // Half the random picks for the node port would be the asked-for port.
         for _ in 0..10 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let store: Arc<dyn Store> = Arc::new(
-                weir_store::EmbeddedStore::open(dir.path().join("db")).expect("embedded store"),
-            );
-            let alloc = Allocator::new(store, ServiceCidr::default(), 30000..=30001);
-            let svc = alloc
-                .create(
-                    svc_res(),
-                    lb_local("web", Some(30001)),
-                    "/registry/services/specs/d/web",
-                )
+            let f = fixture_with(30000..=30001);
+            let svc = f
+                .create(lb_local("web", Some(30001)))
                 .await
                 .expect("create");
             assert_eq!(svc["spec"]["ports"][0]["nodePort"], 30000);

@@ -317,46 +317,43 @@ async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> bool {
         .is_ok()
 }
 
+/// A connection to 127.0.0.1:`port` that has sent `bytes`.
+async fn sent(port: u16, bytes: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    stream.write_all(bytes).await.expect("write");
+    stream
+}
+
 #[tokio::test]
 async fn closing_a_health_check_closes_its_connections_too() {
-    use tokio::io::AsyncWriteExt;
     let shutdown = CancellationToken::new();
     let mut server = HealthServer::new(&[Ipv4Addr::LOCALHOST], shutdown.clone());
-    let port = free_port();
-    let want = BTreeMap::from([(
-        name("web"),
-        HealthCheck {
-            port,
-            local_endpoints: 1,
-        },
-    )]);
-    server.sync_all(want.clone());
-    // A client that never finishes its request, and one that sends garbage.
-    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    stalled
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .expect("write");
-    let mut garbage = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    garbage
-        .write_all(b"\x16\x03\x01\x00\xa5garbage\r\n\r\n")
-        .await
-        .expect("write");
+    let (port, other_port) = (free_port(), free_port());
+    let check = |port, local_endpoints| HealthCheck {
+        port,
+        local_endpoints,
+    };
+    server.sync_all(BTreeMap::from([
+        (name("web"), check(port, 1)),
+        (name("other"), check(other_port, 0)),
+    ]));
+    // A client that never finishes its request, an idle one, and one that sends garbage.
+    let mut stalled = sent(port, b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+    let mut idle = sent(other_port, b"").await;
+    let mut garbage = sent(port, b"\x16\x03\x01\x00\xa5garbage\r\n\r\n").await;
     assert!(closed_by_server(&mut garbage).await, "garbage left open");
     // The server still answers.
     assert_eq!(get(port, "/").await.expect("GET").0, 200);
 
     // HEAD: kube-proxy's status and headers, no body.
-    let mut head = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    head.write_all(b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
+    let mut head = sent(
+        port,
+        b"HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let mut reply = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut head, &mut reply)
         .await
@@ -368,27 +365,8 @@ async fn closing_a_health_check_closes_its_connections_too() {
     );
     assert!(reply.ends_with("\r\n\r\n"), "{reply}");
 
-    // Another Service's check stays up while this one closes, then shutdown closes it.
-    let other_port = free_port();
-    let mut want = want;
-    want.insert(
-        name("other"),
-        HealthCheck {
-            port: other_port,
-            local_endpoints: 0,
-        },
-    );
-    server.sync_all(want);
-    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", other_port))
-        .await
-        .expect("connect");
-    server.sync_all(BTreeMap::from([(
-        name("other"),
-        HealthCheck {
-            port: other_port,
-            local_endpoints: 0,
-        },
-    )]));
+    // The other Service's check stays up while this one closes; shutdown closes it.
+    server.sync_all(BTreeMap::from([(name("other"), check(other_port, 0))]));
     assert!(
         closed_by_server(&mut stalled).await,
         "stalled client left open"
@@ -403,4 +381,23 @@ async fn closing_a_health_check_closes_its_connections_too() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn many_clients_at_once_are_all_answered() {
+    let shutdown = CancellationToken::new();
+    let mut server = HealthServer::new(&[Ipv4Addr::LOCALHOST], shutdown.clone());
+    let port = free_port();
+    let check = HealthCheck {
+        port,
+        local_endpoints: 3,
+    };
+    server.sync_all(BTreeMap::from([(name("web"), check)]));
+    let clients: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(async move { get(port, "/").await.map(|r| r.0) }))
+        .collect();
+    for c in clients {
+        assert_eq!(c.await.expect("join").expect("GET"), 200);
+    }
+    shutdown.cancel();
 }

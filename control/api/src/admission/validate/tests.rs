@@ -122,12 +122,17 @@ fn service_type_ip_and_node_port_checks() {
     );
 }
 
-#[test]
-fn health_check_node_port_only_for_load_balancer_with_local_policy() {
+fn load_balancer_local(health_check_node_port: u16) -> Value {
     let mut svc = service();
     svc["spec"]["type"] = json!("LoadBalancer");
     svc["spec"]["externalTrafficPolicy"] = json!("Local");
-    svc["spec"]["healthCheckNodePort"] = json!(30999);
+    svc["spec"]["healthCheckNodePort"] = json!(health_check_node_port);
+    svc
+}
+
+#[test]
+fn health_check_node_port_only_for_load_balancer_with_local_policy() {
+    let mut svc = load_balancer_local(30999);
     assert_eq!(problems("svc", svc.clone(), None), Vec::<String>::new());
     svc["spec"]["healthCheckNodePort"] = json!(70000);
     assert_eq!(
@@ -160,10 +165,7 @@ fn health_check_node_port_only_for_load_balancer_with_local_policy() {
 
 #[test]
 fn health_check_node_port_is_immutable_while_load_balancer_local() {
-    let mut old = service();
-    old["spec"]["type"] = json!("LoadBalancer");
-    old["spec"]["externalTrafficPolicy"] = json!("Local");
-    old["spec"]["healthCheckNodePort"] = json!(30999);
+    let old = load_balancer_local(30999);
     let mut new = old.clone();
     new["spec"]["healthCheckNodePort"] = json!(31000);
     assert_eq!(
