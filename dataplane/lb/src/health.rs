@@ -289,7 +289,8 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, stop: Cancellatio
                 }
             },
         };
-        // A client that never finishes its request headers is dropped after 30 s.
+        // A client that sends no complete request head for 30 s (an idle keep-alive one too)
+        // is dropped, so clients that stall cannot pile up sockets while the check is open.
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
