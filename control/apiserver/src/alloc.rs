@@ -524,6 +524,9 @@ impl Allocator {
             .into_iter()
             .filter(|p| Some(u64::from(*p)) != kept_health_port)
             .collect();
+        // kube's shouldAllocateNodePorts: a LoadBalancer with allocateLoadBalancerNodePorts:
+        // false gets no node port picked (given and kept ones stay).
+        let pick_node_ports = svc["spec"]["allocateLoadBalancerNodePorts"] != json!(false);
         // A health check node port the client asks for is no node port candidate.
         let asked_health_port: Vec<u16> = svc["spec"]["healthCheckNodePort"]
             .as_u64()
@@ -582,6 +585,7 @@ impl Allocator {
                     });
                     let n = match kept {
                         Some(n) if !claimed.ports.contains(&n) => n,
+                        _ if !pick_node_ports => continue,
                         _ => {
                             let n = self.pick_port(mode, &owner, &asked_health_port).await?;
                             claimed.ports.push(n);
@@ -982,5 +986,24 @@ mod tests {
             assert_eq!(svc["spec"]["ports"][0]["nodePort"], 30000);
             assert_eq!(svc["spec"]["healthCheckNodePort"], 30001);
         }
+    }
+
+    #[tokio::test]
+    async fn allocate_load_balancer_node_ports_false_picks_no_node_port() {
+        let f = fixture();
+        let mut svc = lb_local("web", None);
+        svc["spec"]["allocateLoadBalancerNodePorts"] = json!(false);
+        svc["spec"]["ports"] = json!([{"name": "a", "port": 80, "protocol": "TCP"},
+                                      {"name": "b", "port": 81, "protocol": "TCP", "nodePort": 31001}]);
+        let svc = f.create(svc).await.expect("create");
+        // No node port picked; a given one is still claimed, and the health check port
+        // does not depend on node ports (kube's allocHealthCheckNodePort).
+        assert!(svc["spec"]["ports"][0].get("nodePort").is_none(), "{svc}");
+        assert_eq!(svc["spec"]["ports"][1]["nodePort"], 31001);
+        let hc = svc["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .expect("allocated");
+        assert!(f.held(31001).await && f.held(hc).await);
+        assert_eq!(Held::of(&svc).ports.len(), 2);
     }
 }
