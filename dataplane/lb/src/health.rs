@@ -266,6 +266,16 @@ impl HealthServer {
     }
 }
 
+/// The health checks end with their server: a load balancer whose watch failed must not
+/// keep answering 200 from counts nobody updates.
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        for l in self.open.values() {
+            l.stop.cancel();
+        }
+    }
+}
+
 fn show((namespace, name): &ServiceName) -> String {
     format!("{namespace}/{name}")
 }

@@ -401,3 +401,23 @@ async fn many_clients_at_once_are_all_answered() {
     }
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn dropping_the_server_closes_its_health_checks() {
+    let shutdown = CancellationToken::new();
+    let mut server = HealthServer::new(&[Ipv4Addr::LOCALHOST], shutdown.clone());
+    let port = free_port();
+    let check = HealthCheck {
+        port,
+        local_endpoints: 1,
+    };
+    server.sync_all(BTreeMap::from([(name("web"), check)]));
+    let mut idle = sent(port, b"").await;
+    drop(server);
+    assert!(closed_by_server(&mut idle).await, "idle client left open");
+    eventually("the health check port closed", async || {
+        get(port, "/").await.is_err().then_some(())
+    })
+    .await;
+    assert!(!shutdown.is_cancelled());
+}
