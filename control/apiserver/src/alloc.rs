@@ -769,6 +769,13 @@ mod tests {
         }
     }
 
+    /// The allocated `spec.healthCheckNodePort` of `svc`.
+    fn health_port(svc: &Value) -> u64 {
+        svc["spec"]["healthCheckNodePort"]
+            .as_u64()
+            .expect("allocated")
+    }
+
     /// The one cause of an Invalid error, as `field: message`.
     fn cause(e: ApiError) -> String {
         assert_eq!(e.code, 422, "{e:?}");
@@ -781,9 +788,7 @@ mod tests {
     async fn load_balancer_local_gets_a_health_check_node_port() {
         let f = fixture();
         let svc = f.create(lb_local("auto", None)).await.expect("create");
-        let hc = svc["spec"]["healthCheckNodePort"]
-            .as_u64()
-            .expect("allocated");
+        let hc = health_port(&svc);
         let node_port = svc["spec"]["ports"][0]["nodePort"]
             .as_u64()
             .expect("node port");
@@ -846,9 +851,7 @@ mod tests {
     async fn updates_keep_and_release_the_health_check_node_port() {
         let f = fixture();
         let old = f.create(lb_local("web", None)).await.expect("create");
-        let hc = old["spec"]["healthCheckNodePort"]
-            .as_u64()
-            .expect("allocated");
+        let hc = health_port(&old);
 
         // The manifest sent again, without the server's values, keeps them.
         let mut again = lb_local("web", None);
@@ -882,9 +885,7 @@ mod tests {
             .assign(svc_res(), &mut local, Some(&cluster))
             .await
             .expect("to Local");
-        let hc = local["spec"]["healthCheckNodePort"]
-            .as_u64()
-            .expect("allocated");
+        let hc = health_port(&local);
         assert_eq!(claimed.ports, vec![hc as u16]);
         assert!(f.held(hc).await);
         // Deleting the Service releases it with its node port.
@@ -936,9 +937,7 @@ mod tests {
     async fn a_restarted_allocator_knows_the_health_check_node_ports_in_use() {
         let f = fixture();
         let svc = f.create(lb_local("web", None)).await.expect("create");
-        let hc = svc["spec"]["healthCheckNodePort"]
-            .as_u64()
-            .expect("allocated");
+        let hc = health_port(&svc);
         // A new allocator over the same store, as after an API server restart.
         let again = Allocator::new(f.store.clone(), ServiceCidr::default(), 30000..=32767);
         let mut other = lb_local("other", None);
@@ -1000,9 +999,7 @@ mod tests {
         // does not depend on node ports (kube's allocHealthCheckNodePort).
         assert!(svc["spec"]["ports"][0].get("nodePort").is_none(), "{svc}");
         assert_eq!(svc["spec"]["ports"][1]["nodePort"], 31001);
-        let hc = svc["spec"]["healthCheckNodePort"]
-            .as_u64()
-            .expect("allocated");
+        let hc = health_port(&svc);
         assert!(f.held(31001).await && f.held(hc).await);
         assert_eq!(Held::of(&svc).ports.len(), 2);
     }

@@ -383,16 +383,22 @@ async fn closing_a_health_check_closes_its_connections_too() {
     .await;
 }
 
-#[tokio::test]
-async fn many_clients_at_once_are_all_answered() {
+/// A health server on 127.0.0.1 serving `web` on a free port with `local_endpoints`.
+fn serving_web(local_endpoints: usize) -> (CancellationToken, HealthServer, u16) {
     let shutdown = CancellationToken::new();
     let mut server = HealthServer::new(&[Ipv4Addr::LOCALHOST], shutdown.clone());
     let port = free_port();
     let check = HealthCheck {
         port,
-        local_endpoints: 3,
+        local_endpoints,
     };
     server.sync_all(BTreeMap::from([(name("web"), check)]));
+    (shutdown, server, port)
+}
+
+#[tokio::test]
+async fn many_clients_at_once_are_all_answered() {
+    let (shutdown, _server, port) = serving_web(3);
     let clients: Vec<_> = (0..100)
         .map(|_| tokio::spawn(async move { get(port, "/").await.map(|r| r.0) }))
         .collect();
@@ -404,14 +410,7 @@ async fn many_clients_at_once_are_all_answered() {
 
 #[tokio::test]
 async fn dropping_the_server_closes_its_health_checks() {
-    let shutdown = CancellationToken::new();
-    let mut server = HealthServer::new(&[Ipv4Addr::LOCALHOST], shutdown.clone());
-    let port = free_port();
-    let check = HealthCheck {
-        port,
-        local_endpoints: 1,
-    };
-    server.sync_all(BTreeMap::from([(name("web"), check)]));
+    let (shutdown, server, port) = serving_web(1);
     let mut idle = sent(port, b"").await;
     drop(server);
     assert!(closed_by_server(&mut idle).await, "idle client left open");
