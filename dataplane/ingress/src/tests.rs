@@ -1778,36 +1778,26 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-#[tokio::test]
-async fn an_h2_body_whose_start_came_with_the_request_is_forwarded_with_the_rest() {
-    let h = Harness::serving(&[], &[upstream("a").await]).await;
-    let mut s = TcpStream::connect(h.http).await.expect("connect");
-    // HPACK literal fields without indexing, so the head is readable here.
+/// The client preface, an empty SETTINGS frame, and the HEADERS frame of stream 1 with
+/// `fields` as HPACK literals without indexing (so the head is readable here), ending the
+/// stream if `end`.
+fn h2_opening(fields: &[(&str, &str)], end: bool) -> Vec<u8> {
     let mut block = Vec::new();
-    for (name, value) in [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/echo"),
-        (":authority", "x"),
-        ("content-length", "11"),
-    ] {
+    for (name, value) in fields {
         block.push(0);
         block.push(u8::try_from(name.len()).expect("short"));
         block.extend_from_slice(name.as_bytes());
         block.push(u8::try_from(value.len()).expect("short"));
         block.extend_from_slice(value.as_bytes());
     }
-    // The head and the first part of the body in one write, so they arrive together; the
-    // rest follows once the proxy has had time to route the request.
-    let mut first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    first.extend(h2_frame(0x4, 0, 0, &[]));
-    first.extend(h2_frame(0x1, 0x4, 1, &block));
-    first.extend(h2_frame(0x0, 0, 1, b"first "));
-    s.write_all(&first).await.expect("write");
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    s.write_all(&h2_frame(0x0, 0x1, 1, b"later"))
-        .await
-        .expect("write");
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend(h2_frame(0x4, 0, 0, &[]));
+    bytes.extend(h2_frame(0x1, if end { 0x5 } else { 0x4 }, 1, &block));
+    bytes
+}
+
+/// The data of stream 1's response, read frame by frame until it ends.
+async fn h2_stream_one_data(s: &mut TcpStream) -> Vec<u8> {
     let mut got = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -1828,6 +1818,59 @@ async fn an_h2_body_whose_start_came_with_the_request_is_forwarded_with_the_rest
     })
     .await;
     assert!(read.is_ok(), "response incomplete: {got:?}");
+    got
+}
+
+#[tokio::test]
+async fn an_h2_body_whose_start_came_with_the_request_is_forwarded_with_the_rest() {
+    // A backend that says when the start of the body has reached it, then echoes it all.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = listener.local_addr().expect("addr");
+    let (started, reached) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut b, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut started = Some(started);
+        while !buf.ends_with(b"first later") {
+            let mut chunk = [0u8; 4096];
+            match b.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if buf.ends_with(b"first ") {
+                started.take().map(|s| s.send(()));
+            }
+        }
+        let _ = b
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nfirst later")
+            .await;
+    });
+    let h = Harness::serving(&[], &[up]).await;
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    // The head and the first part of the body in one write; the rest only once the start
+    // has been forwarded, so the body cannot have been whole when it was routed.
+    let mut first = h2_opening(
+        &[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/echo"),
+            (":authority", "x"),
+            ("content-length", "11"),
+        ],
+        false,
+    );
+    first.extend(h2_frame(0x0, 0, 1, b"first "));
+    s.write_all(&first).await.expect("write");
+    tokio::time::timeout(Duration::from_secs(10), reached)
+        .await
+        .expect("the start of the body reached the backend")
+        .expect("backend");
+    s.write_all(&h2_frame(0x0, 0x1, 1, b"later"))
+        .await
+        .expect("write");
+    let got = h2_stream_one_data(&mut s).await;
     assert_eq!(String::from_utf8_lossy(&got), "first later");
 }
 
