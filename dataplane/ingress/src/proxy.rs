@@ -596,6 +596,9 @@ impl Proxy {
         };
         strip_hop_by_hop(&mut headers);
         drop_underscored(&mut headers);
+        if parts.version == Version::HTTP_2 && !backend.h2 {
+            join_cookies(&mut headers);
+        }
         if let Some(u) = upgrade_value {
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, u);
@@ -842,6 +845,24 @@ fn host_of<B>(req: &Request<B>) -> Option<HeaderValue> {
     match req.uri().authority() {
         Some(a) => HeaderValue::try_from(a.as_str()).ok(),
         None => req.headers().get(header::HOST).cloned(),
+    }
+}
+
+/// Join an h2 request's `cookie` crumbs into the one field an HTTP/1.1 hop must carry
+/// (RFC 9113 §8.2.3, RFC 6265 §5.4), in the order they came.
+fn join_cookies(headers: &mut HeaderMap) {
+    let crumbs = headers.get_all(header::COOKIE);
+    if crumbs.iter().nth(1).is_none() {
+        return;
+    }
+    let joined = crumbs
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    // Valid values joined by "; " are a valid value.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
     }
 }
 

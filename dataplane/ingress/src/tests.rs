@@ -1874,6 +1874,56 @@ async fn an_h2_body_whose_start_came_with_the_request_is_forwarded_with_the_rest
     assert_eq!(String::from_utf8_lossy(&got), "first later");
 }
 
+/// The header lines `/headers` listed under `name`.
+fn listed<'a>(body: &'a str, name: &str) -> Vec<&'a str> {
+    body.lines()
+        .filter(|l| l.split(':').next() == Some(name))
+        .collect()
+}
+
+#[tokio::test]
+async fn h2_cookie_crumbs_reach_an_http11_backend_as_one_cookie_header_on_both_paths() {
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
+    let c = h2c_client();
+    // Without a body, over the plain upstream socket.
+    let req = Request::get(h.url("/headers"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(Full::default())
+        .expect("request");
+    let (status, body, _) = h2_exchange(&c, req).await;
+    let body = body.expect("body");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(listed(&body, "cookie"), ["cookie: a=1; b=2; c=3"], "{body}");
+    // A body without a length streams through hyper's client.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(1);
+    let io = TcpStream::connect(h.http).await.expect("connect");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = Request::post(format!("http://{}/headers", h.http))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(http_body_util::StreamBody::new(tokio_stream_from(rx)))
+        .expect("request");
+    let pending = tokio::spawn(send.send_request(req));
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"x"))))
+        .await
+        .expect("send");
+    drop(tx);
+    let resp = pending.await.expect("task").expect("response");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("transfer-encoding: chunked"),
+        "not hyper's client: {body}"
+    );
+    assert_eq!(listed(&body, "cookie"), ["cookie: a=1; b=2"], "{body}");
+}
+
 #[tokio::test]
 async fn an_h2_client_gets_each_part_of_a_streamed_response_as_the_upstream_sends_it() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
