@@ -10,7 +10,7 @@
 //! fast path takes them); other bodies, and CONNECT, stay with hyper's client.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Write};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -73,10 +73,9 @@ pub(crate) fn request(
     body: &VecDeque<Result<Frame<Bytes>, hyper::Error>>,
 ) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(1024);
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_str().as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // `Display` puts the `/` of the origin form (RFC 9112 §3.2.1) before a `:path` that
+    // lacks one (`?a=1`), as hyper's client does.
+    let _ = write!(out, "{method} {path} HTTP/1.1\r\n");
     for (name, value) in headers {
         h1::put_header(&mut out, name.as_str().as_bytes(), value.as_bytes());
     }
@@ -269,7 +268,7 @@ mod tests {
     use crate::pool::{Pool, PoolConfig};
 
     #[test]
-    fn a_request_head_is_the_method_target_and_every_header_value() {
+    fn a_request_head_is_the_method_origin_form_target_and_every_header_value() {
         let mut headers = HeaderMap::new();
         headers.insert("host", HeaderValue::from_static("a.example"));
         headers.append("x-a", HeaderValue::from_static("1"));
@@ -279,6 +278,17 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&out),
             "DELETE /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+        );
+        let query_only = PathAndQuery::from_static("?a=1");
+        let out = request(
+            &Method::GET,
+            &query_only,
+            &HeaderMap::new(),
+            &VecDeque::new(),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.expect("request")),
+            "GET /?a=1 HTTP/1.1\r\n\r\n"
         );
         let body = VecDeque::from([
             Ok(Frame::data(Bytes::from_static(b"ab"))),

@@ -1925,6 +1925,15 @@ async fn h2_cookie_crumbs_reach_an_http11_backend_as_one_cookie_header_on_both_p
 }
 
 #[tokio::test]
+async fn an_h2_path_of_only_a_query_reaches_the_backend_as_an_origin_form_target() {
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
+    let c = h2c_client();
+    // The h2 client sends `:path: ?a=1`; `GET ?a=1 HTTP/1.1` would get 400 from the backend.
+    let (status, body, _) = h2_exchange(&c, h2_get(format!("http://{}?a=1", h.http))).await;
+    assert_eq!((status, body), (StatusCode::OK, Ok("pod=a".into())));
+}
+
+#[tokio::test]
 async fn an_h2_client_gets_each_part_of_a_streamed_response_as_the_upstream_sends_it() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let up = listener.local_addr().expect("addr");
