@@ -865,7 +865,10 @@ async fn commit(
     {
         meta::metadata_mut(&mut new).insert("generation".into(), json!(g + 1));
     }
-    let (claimed, freed) = if res.kind == "Service" {
+    // Only writes of the object itself allocate: a status write keeps the stored spec, and
+    // Kubernetes never allocates there (a Service stored before it needed a port gets it on
+    // its next update, not from a load balancer controller's status write).
+    let (claimed, freed) = if res.kind == "Service" && sub.is_none() {
         let claimed = api.alloc.assign(res, &mut new, Some(&old)).await?;
         (claimed, Held::of(&old).minus(&Held::of(&new)))
     } else {

@@ -1385,3 +1385,62 @@ async fn a_write_touches_only_its_own_key() {
         [format!("get {key}"), format!("delete {key}")]
     );
 }
+
+/// A status write never allocates: a LoadBalancer + Local Service stored without a
+/// `healthCheckNodePort` (as by a server from before it was allocated) keeps none through a
+/// load balancer controller's status write, and gets one on its next update of the object.
+#[tokio::test]
+async fn a_status_write_allocates_nothing() {
+    let sdir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(sdir.path().join("store.redb")).expect("store"));
+    let r = start_with(store.clone(), "10.96.0.0/12").await;
+    let svcs: Api<Service> = Api::namespaced(r.client.clone(), "default");
+    let spec =
+        json!({"type": "LoadBalancer", "externalTrafficPolicy": "Local", "ports": [{"port": 80}]});
+    let created = svcs
+        .create(&PostParams::default(), &svc("old", spec))
+        .await
+        .expect("create");
+    let hcnp = |s: &Service| s.spec.as_ref().and_then(|s| s.health_check_node_port);
+    assert!(hcnp(&created).is_some(), "{created:?}");
+
+    // The object as an older server stored it: no health check port.
+    let key = "/registry/core/services/default/old";
+    let kv = store.get(key).await.expect("get").expect("stored");
+    let mut old: Value = serde_json::from_slice(&kv.value).expect("json");
+    old["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("healthCheckNodePort");
+    store
+        .update(
+            key,
+            serde_json::to_vec(&old).expect("encode"),
+            kv.mod_revision,
+        )
+        .await
+        .expect("rewrite");
+
+    let mut status = svcs.get("old").await.expect("get");
+    status.status = Some(
+        serde_json::from_value(json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}))
+            .expect("status"),
+    );
+    let written = svcs
+        .replace_status("old", &PostParams::default(), &status)
+        .await
+        .expect("status write");
+    assert_eq!(hcnp(&written), None, "{written:?}");
+    assert_eq!(hcnp(&svcs.get("old").await.expect("get")), None);
+
+    let updated = svcs
+        .patch(
+            "old",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("update");
+    assert!(hcnp(&updated).is_some(), "{updated:?}");
+}
