@@ -481,6 +481,12 @@ impl Proxy {
                     "an HTTP/1.1 request needs exactly one Host header",
                 ))
             }
+            // RFC 9113 §8.3.1: an HTTP/1.1 hop takes its Host from `:authority` or `host`;
+            // nginx answers an h2 request with neither 400 too.
+            _ if req.version() == Version::HTTP_2 && host.is_none() => Err(ProxyError::new(
+                ErrorKind::BadRequest,
+                "an HTTP/2 request needs an :authority or a Host header",
+            )),
             Some(t) => self.forward(req, host, t, &conn, &mut out).await,
             None => Err(ProxyError::new(
                 ErrorKind::NoRoute,

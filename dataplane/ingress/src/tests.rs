@@ -1934,6 +1934,22 @@ async fn an_h2_path_of_only_a_query_reaches_the_backend_as_an_origin_form_target
 }
 
 #[tokio::test]
+async fn an_h2_request_without_authority_or_host_gets_400() {
+    let (up, accepted) = upstream_counted("a").await;
+    let h = Harness::serving(&[], &[up]).await;
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    let opening = h2_opening(
+        &[(":method", "GET"), (":scheme", "http"), (":path", "/")],
+        true,
+    );
+    s.write_all(&opening).await.expect("write");
+    let got = String::from_utf8(h2_stream_one_data(&mut s).await).expect("utf-8");
+    assert!(got.starts_with("400 Bad Request"), "{got}");
+    assert!(got.contains(":authority"), "{got}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
 async fn an_h2_client_gets_each_part_of_a_streamed_response_as_the_upstream_sends_it() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let up = listener.local_addr().expect("addr");
