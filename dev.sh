@@ -70,6 +70,11 @@ case "${1:-}" in
         install_deps
         cargo fmt --all --check
         cargo clippy --workspace --all-targets -- -D warnings
+        # The BPF programs are a crate of their own (outside the workspace, built for
+        # bpfel-unknown-none by dataplane/lb's build script): check them the same way.
+        (cd ebpf/lb-ebpf && RUSTC_BOOTSTRAP=1 cargo fmt --check &&
+            RUSTC_BOOTSTRAP=1 cargo clippy --target bpfel-unknown-none -Z build-std=core \
+                --release -- -D warnings)
         cargo test --workspace --no-fail-fast
         ;;
     *)
