@@ -666,8 +666,9 @@ impl ResponseHead for Vec<u8> {
     }
 }
 
-/// An h2 response: its frames carry the body, so `Transfer-Encoding` goes; hyper's h2
-/// server dates undated responses itself.
+/// An h2 response: its frames carry the body, so `Transfer-Encoding` goes (and a coding
+/// other than `chunked`, which nothing would undo, fails the exchange); hyper's h2 server
+/// dates undated responses itself.
 impl ResponseHead for http::Response<()> {
     fn status(&mut self, status: u16, _reason: &str) -> Result<(), ExchangeError> {
         *self.status_mut() = http::StatusCode::from_u16(status)
@@ -678,7 +679,12 @@ impl ResponseHead for http::Response<()> {
 
     fn header(&mut self, name: &[u8], value: &[u8]) -> Result<(), ExchangeError> {
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            return Ok(());
+            // Only `chunked` is decoded; h2 has no transfer codings to carry another.
+            return if only_chunked(value) {
+                Ok(())
+            } else {
+                Err(ExchangeError::Invalid("transfer coding other than chunked"))
+            };
         }
         let name = http::HeaderName::from_bytes(name)
             .map_err(|_| ExchangeError::Invalid("malformed header name"))?;
@@ -689,6 +695,12 @@ impl ResponseHead for http::Response<()> {
     }
 
     fn undated(&mut self) {}
+}
+
+/// Whether a `Transfer-Encoding` value is `chunked` alone, the one coding the proxy
+/// decodes for clients it re-frames the body for.
+pub(crate) fn only_chunked(value: &[u8]) -> bool {
+    value.trim_ascii().eq_ignore_ascii_case(b"chunked")
 }
 
 /// Parse the response head at the start of `buf` (`Ok(None)` if incomplete) and write the

@@ -715,6 +715,24 @@ impl Proxy {
                         tokio::spawn(tunnel(down, up, inflight));
                         return Ok(resp.map(|_| RespBody::Local(None)));
                     }
+                    // hyper decodes only `chunked` and the header goes with the hop-by-hop
+                    // ones, so any other coding would reach the client unmarked, as nginx
+                    // refuses to pass it.
+                    if !backend.h2
+                        && !resp
+                            .headers()
+                            .get_all(header::TRANSFER_ENCODING)
+                            .iter()
+                            .all(|v| crate::h1::only_chunked(v.as_bytes()))
+                    {
+                        return Err(ProxyError::new(
+                            ErrorKind::UpstreamFailed,
+                            format!(
+                                "{} sent a transfer coding other than chunked",
+                                endpoint.addr
+                            ),
+                        ));
+                    }
                     // Transfer-Encoding overrides a Content-Length (RFC 9112 §6.3); hyper
                     // re-frames the decoded body, and a length left behind would cut it.
                     if resp.headers().contains_key(header::TRANSFER_ENCODING) {

@@ -1950,6 +1950,50 @@ async fn an_h2_request_without_authority_or_host_gets_400() {
 }
 
 #[tokio::test]
+async fn an_upstream_transfer_coding_other_than_chunked_gets_502_on_both_h2_paths() {
+    let (up, _) = scripted(|_, path| match path {
+        "/gz-chunked" => (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n",
+            true,
+        ),
+        "/gz" => (
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxyz",
+            true,
+        ),
+        _ => ("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false),
+    })
+    .await;
+    let h = Harness::serving(&[], &[up]).await;
+    let c = h2c_client();
+    for path in ["/gz-chunked", "/gz"] {
+        let (status, body, _) = h2_exchange(&c, h2_get(h.url(path))).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}: {body:?}");
+        assert!(
+            body.as_ref().is_ok_and(|b| b.contains("transfer coding")),
+            "{body:?}"
+        );
+    }
+    // A body without a length: hyper's client.
+    let mut s = TcpStream::connect(h.http).await.expect("connect");
+    let mut bytes = h2_opening(
+        &[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/gz-chunked"),
+            (":authority", "x"),
+        ],
+        false,
+    );
+    bytes.extend(h2_frame(0x0, 0x1, 1, b"x"));
+    s.write_all(&bytes).await.expect("write");
+    let got = String::from_utf8(h2_stream_one_data(&mut s).await).expect("utf-8");
+    assert!(got.starts_with("502 Bad Gateway"), "{got}");
+    assert!(got.contains("transfer coding other than chunked"), "{got}");
+    let (_, body, _) = h2_exchange(&c, h2_get(h.url("/"))).await;
+    assert_eq!(body, Ok("ok".into()));
+}
+
+#[tokio::test]
 async fn an_h2_client_gets_each_part_of_a_streamed_response_as_the_upstream_sends_it() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let up = listener.local_addr().expect("addr");
