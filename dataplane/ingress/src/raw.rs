@@ -158,6 +158,13 @@ fn trailers(
 ) -> Result<Option<Frame<Bytes>>, BodyError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let (len, map) = match httparse::parse_headers(buf, &mut headers) {
+        // httparse takes bare LF line endings, which the fast path's chunk parser refuses:
+        // both paths must agree where a response ends on a connection that is reused.
+        Ok(httparse::Status::Complete((len, _)))
+            if (0..len).any(|i| buf[i] == b'\n' && (i == 0 || buf[i - 1] != b'\r')) =>
+        {
+            return Err(BodyError::Framing("bare LF in trailer"));
+        }
         Ok(httparse::Status::Complete((len, fields))) => {
             let mut map = HeaderMap::with_capacity(fields.len());
             for f in fields.iter() {
@@ -363,5 +370,15 @@ mod tests {
                 .await;
         assert!(got.is_err(), "{got:?}");
         assert_eq!(idle, 0, "a broken body's connection is closed");
+    }
+
+    #[tokio::test]
+    async fn a_trailer_section_with_bare_lf_line_endings_is_an_error_as_on_the_fast_path() {
+        let (got, idle) = through(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-a: 1\n\n",
+        )
+        .await;
+        assert!(got.is_err(), "{got:?}");
+        assert_eq!(idle, 0, "the connection is not reused");
     }
 }
