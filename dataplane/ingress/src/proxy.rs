@@ -631,14 +631,21 @@ impl Proxy {
         // (and small body) serialized once for every attempt, if its body, when it has one,
         // has a length and has arrived whole.
         let mut received = VecDeque::new();
-        let raw_head = (!backend.h2
+        let whole = !backend.h2
             && parts.version == Version::HTTP_2
             && method != Method::CONNECT
             && (empty
                 || content_length(&headers).is_some_and(|n| n <= crate::raw::MAX_BODY as u64)
-                    && crate::raw::received(&mut body, &mut received)))
-        .then(|| crate::raw::request(&method, &path, &headers, &received))
-        .flatten();
+                    && crate::raw::received(&mut body, &mut received));
+        if whole {
+            // The body goes with the head anyway. A backend that answered without reading
+            // it, yet kept the connection, would take it for the next request on a pooled
+            // socket; nginx's proxy drops `Expect` too.
+            headers.remove(header::EXPECT);
+        }
+        let raw_head = whole
+            .then(|| crate::raw::request(&method, &path, &headers, &received))
+            .flatten();
         let mut body = Some(if empty {
             ReqBody::Empty
         } else {

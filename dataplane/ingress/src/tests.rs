@@ -1994,6 +1994,20 @@ async fn an_upstream_transfer_coding_other_than_chunked_gets_502_on_both_h2_path
 }
 
 #[tokio::test]
+async fn an_h2_request_forwarded_with_its_whole_body_loses_its_expect() {
+    let h = Harness::serving(&[], &[upstream("a").await]).await;
+    let c = h2c_client();
+    let req = Request::delete(h.url("/headers"))
+        .header("expect", "100-continue")
+        .body(Full::default())
+        .expect("request");
+    let (status, body, _) = h2_exchange(&c, req).await;
+    let body = body.expect("body");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(listed(&body, "expect").is_empty(), "{body}");
+}
+
+#[tokio::test]
 async fn an_h2_client_gets_each_part_of_a_streamed_response_as_the_upstream_sends_it() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let up = listener.local_addr().expect("addr");
