@@ -1796,6 +1796,29 @@ fn h2_opening(fields: &[(&str, &str)], end: bool) -> Vec<u8> {
     bytes
 }
 
+/// A connection to `addr` that opened stream 1 with a POST to `path` (`fields` added)
+/// and sent `data`, ending the stream if `end`.
+async fn h2_post(
+    addr: SocketAddr,
+    path: &str,
+    fields: &[(&str, &str)],
+    data: &[u8],
+    end: bool,
+) -> TcpStream {
+    let mut all = vec![
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", "x"),
+    ];
+    all.extend_from_slice(fields);
+    let mut bytes = h2_opening(&all, false);
+    bytes.extend(h2_frame(0x0, u8::from(end), 1, data));
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(&bytes).await.expect("write");
+    s
+}
+
 /// The data of stream 1's response, read frame by frame until it ends.
 async fn h2_stream_one_data(s: &mut TcpStream) -> Vec<u8> {
     let mut got = Vec::new();
@@ -1848,21 +1871,10 @@ async fn an_h2_body_whose_start_came_with_the_request_is_forwarded_with_the_rest
             .await;
     });
     let h = Harness::serving(&[], &[up]).await;
-    let mut s = TcpStream::connect(h.http).await.expect("connect");
     // The head and the first part of the body in one write; the rest only once the start
     // has been forwarded, so the body cannot have been whole when it was routed.
-    let mut first = h2_opening(
-        &[
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/echo"),
-            (":authority", "x"),
-            ("content-length", "11"),
-        ],
-        false,
-    );
-    first.extend(h2_frame(0x0, 0, 1, b"first "));
-    s.write_all(&first).await.expect("write");
+    let fields = [("content-length", "11")];
+    let mut s = h2_post(h.http, "/echo", &fields, b"first ", false).await;
     tokio::time::timeout(Duration::from_secs(10), reached)
         .await
         .expect("the start of the body reached the backend")
@@ -1897,26 +1909,9 @@ async fn h2_cookie_crumbs_reach_an_http11_backend_as_one_cookie_header_on_both_p
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(listed(&body, "cookie"), ["cookie: a=1; b=2; c=3"], "{body}");
     // A body without a length streams through hyper's client.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(1);
-    let io = TcpStream::connect(h.http).await.expect("connect");
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
-    let req = Request::post(format!("http://{}/headers", h.http))
-        .header("cookie", "a=1")
-        .header("cookie", "b=2")
-        .body(http_body_util::StreamBody::new(tokio_stream_from(rx)))
-        .expect("request");
-    let pending = tokio::spawn(send.send_request(req));
-    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"x"))))
-        .await
-        .expect("send");
-    drop(tx);
-    let resp = pending.await.expect("task").expect("response");
-    let body = resp.into_body().collect().await.expect("body").to_bytes();
-    let body = String::from_utf8_lossy(&body);
+    let cookies = [("cookie", "a=1"), ("cookie", "b=2")];
+    let mut s = h2_post(h.http, "/headers", &cookies, b"x", true).await;
+    let body = String::from_utf8(h2_stream_one_data(&mut s).await).expect("utf-8");
     assert!(
         body.contains("transfer-encoding: chunked"),
         "not hyper's client: {body}"
@@ -1974,18 +1969,7 @@ async fn an_upstream_transfer_coding_other_than_chunked_gets_502_on_both_h2_path
         );
     }
     // A body without a length: hyper's client.
-    let mut s = TcpStream::connect(h.http).await.expect("connect");
-    let mut bytes = h2_opening(
-        &[
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/gz-chunked"),
-            (":authority", "x"),
-        ],
-        false,
-    );
-    bytes.extend(h2_frame(0x0, 0x1, 1, b"x"));
-    s.write_all(&bytes).await.expect("write");
+    let mut s = h2_post(h.http, "/gz-chunked", &[], b"x", true).await;
     let got = String::from_utf8(h2_stream_one_data(&mut s).await).expect("utf-8");
     assert!(got.starts_with("502 Bad Gateway"), "{got}");
     assert!(got.contains("transfer coding other than chunked"), "{got}");
