@@ -961,6 +961,12 @@ async fn scripted(
     (addr, accepted)
 }
 
+/// Write `request` on a raw connection and read the one response it gets.
+async fn exchange(s: &mut TcpStream, request: &[u8]) -> (String, String) {
+    s.write_all(request).await.expect("write");
+    read_response(s).await
+}
+
 /// Read one response with a Content-Length body from a raw connection.
 async fn read_response(s: &mut TcpStream) -> (String, String) {
     let mut head = Vec::new();
@@ -1066,26 +1072,19 @@ async fn a_connection_hands_over_to_hyper_for_a_chunked_body_and_an_upgrade() {
     let h = Harness::serving(&[], &[upstream("a").await]).await;
     let mut s = TcpStream::connect(h.http).await.expect("connect");
     // Served by the fast path.
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut s).await;
+    let (head, body) = exchange(&mut s, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, "pod=a");
     // A chunked request body: hyper takes over the connection from here.
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut s).await;
+    let (head, body) = exchange(&mut s, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, "abc");
     // And an upgrade on the same connection becomes a tunnel.
-    s.write_all(
+    let (head, _) = exchange(
+        &mut s,
         b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     )
-    .await
-    .expect("write");
-    let (head, _) = read_response(&mut s).await;
+    .await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     ping(&mut s, b"through the tunnel").await;
 }
@@ -1120,12 +1119,7 @@ async fn fast_path_reads_heads_in_pieces_answers_pipelined_requests_in_order_and
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, "pod=a");
     // Three requests in one write, answered in order on the same connection.
-    s.write_all(
-        b"GET /headers HTTP/1.1\r\nHost: x\r\nX-N: 1\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /headers HTTP/1.1\r\nHost: x\r\nX-N: 3\r\n\r\n",
-    )
-    .await
-    .expect("write");
-    let (_, first) = read_response(&mut s).await;
+    let (_, first) = exchange(&mut s, b"GET /headers HTTP/1.1\r\nHost: x\r\nX-N: 1\r\n\r\nPOST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /headers HTTP/1.1\r\nHost: x\r\nX-N: 3\r\n\r\n").await;
     assert!(first.contains("x-n: 1"), "{first}");
     let (_, second) = read_response(&mut s).await;
     assert_eq!(second, "abc");
@@ -1154,16 +1148,14 @@ async fn connection_options_never_remove_a_requests_framing_or_host() {
     let mut s = TcpStream::connect(h.http).await.expect("connect");
     // Were Content-Length dropped as a connection option, the body would reach the
     // endpoint as the next request on a pooled connection: a smuggled request.
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc")
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut s).await;
+    let (head, body) = exchange(&mut s, b"POST /echo HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(body, "abc");
-    s.write_all(b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: host\r\n\r\n")
-        .await
-        .expect("write");
-    let (head, body) = read_response(&mut s).await;
+    let (head, body) = exchange(
+        &mut s,
+        b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: host\r\n\r\n",
+    )
+    .await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(body.contains("\nhost: x\n"), "{body}");
 }
@@ -1476,8 +1468,7 @@ async fn answers_and_undated_responses_carry_a_date_as_hyper_adds() {
     // proxy dates its own answers; an upstream's Date is left alone.
     for (host, path) in [("x", "/"), ("nomatch", "/"), ("x", "/dated")] {
         let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
-        s.write_all(req.as_bytes()).await.expect("write");
-        let (head, _) = read_response(&mut s).await;
+        let (head, _) = exchange(&mut s, req.as_bytes()).await;
         let dates: Vec<&str> = head
             .lines()
             .filter(|l| l.to_ascii_lowercase().starts_with("date: "))
